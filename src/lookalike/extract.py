@@ -1,0 +1,222 @@
+"""Global descriptors: images -> ``(N, D)`` float32, L2-normalised.
+
+The stage runs a backbone (:mod:`lookalike.models`) through a runner
+(:mod:`lookalike.runtime`), pools the feature map (:mod:`lookalike.pooling`) at one or more
+scales, sums the per-scale descriptors and L2-normalises. Whitening is learned later, from
+the indexed collection, and applied by the index.
+
+``EXTRACT_PRESETS`` holds the named settings; ``default`` was chosen by measurement
+(``benchmarks/retrieval.py``, see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lookalike import functional as F
+from lookalike.errors import ConfigError
+from lookalike.images import Decoded, decode_many, load_image
+from lookalike.models import create_backbone
+from lookalike.pooling import create_pooling
+from lookalike.runtime import create_runner
+from lookalike.whitening import WhiteningConf
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConf:
+    """How global descriptors are computed. Frozen: a misspelled field is an error."""
+
+    model: str = "efficientnet_lite0"  # MODELS key or any timm name
+    weights: str | None = None  # local checkpoint path; None: packaged / hub weights
+    image_size: int = 512  # long side of the image at scale 1, pixels
+    upscale: bool = False  # enlarge images smaller than image_size; False only shrinks
+    scales: tuple[float, ...] = (1.0,)  # image scales whose descriptors are summed; (1.0,) is off
+    pooling: str = "rmac"  # POOLING key: gap, spoc, mac, gem, rmac
+    gem_p: float = 3.0  # GeM exponent (pooling="gem" only)
+    rmac_levels: int = 3  # R-MAC region scales (pooling="rmac" only)
+    whitening: WhiteningConf | None = field(
+        default_factory=lambda: WhiteningConf(shrinkage=0.3, power=0.2)
+    )  # learned from the collection's regional descriptors; None switches it off
+    query_rotations: tuple[int, ...] = (0,)  # query angles (deg) searched, best kept; (0,) is off
+    runtime: str = "auto"  # auto (ONNX on CPU, torch on CUDA), onnx, torch
+    device: str = "auto"  # auto, cpu, cuda
+    batch_size: int = 8  # images per forward pass (same-size images are batched together)
+    workers: int = 1  # decoding processes; 0 decodes in the calling process
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be >= 32 px, got {self.image_size}")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"scales must be positive, got {self.scales}")
+        if any(r % 90 for r in self.query_rotations) or not self.query_rotations:
+            raise ConfigError(
+                f"query_rotations must be multiples of 90, got {self.query_rotations}"
+            )
+        if self.batch_size < 1 or self.workers < 0:
+            raise ConfigError("batch_size must be >= 1 and workers >= 0")
+
+    def descriptor(self) -> dict:
+        """The fields that define the descriptor space (stored in an index, checked on reuse)."""
+        d = dataclasses.asdict(self)
+        for key in ("query_rotations", "runtime", "device", "batch_size", "workers"):
+            d.pop(key)
+        d["scales"] = list(self.scales)
+        return d
+
+    def replace(self, **changes: object) -> ExtractConf:
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown extract settings: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+
+EXTRACT_PRESETS: dict[str, ExtractConf] = {
+    "default": ExtractConf(),
+    # Rotation-robust queries: +2.5 mAP on Holidays (rotated photos), costs on upright sets.
+    "rotation": ExtractConf(query_rotations=(0, 90, 270)),
+    "fast": ExtractConf(image_size=384, pooling="gem", whitening=None),
+    "lite2": ExtractConf(model="efficientnet_lite2"),
+    "multiscale": ExtractConf(scales=(0.75, 1.0, 1.25)),
+    # The naive baseline the benchmarks compare against: one scale, average pooling.
+    "naive": ExtractConf(image_size=400, pooling="gap", whitening=None),
+}
+
+
+def get_preset(name: str) -> ExtractConf:
+    if name not in EXTRACT_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(EXTRACT_PRESETS)}")
+    return EXTRACT_PRESETS[name]
+
+
+@dataclass
+class Descriptors:
+    """Output of :meth:`Extractor.extract_arrays`.
+
+    Attributes:
+        global_: ``(N, D)`` float32, L2-normalised.
+        regions: per image ``(R, D)`` float16 L2-normalised region descriptors (scale 1),
+            what whitening is learned from; None when not requested.
+    """
+
+    global_: np.ndarray
+    regions: list[np.ndarray] | None = None
+
+
+class Extractor:
+    """Computes global descriptors with a fixed :class:`ExtractConf`."""
+
+    def __init__(self, conf: ExtractConf = ExtractConf(), cache_dir: Path | None = None) -> None:
+        self.conf = conf
+        self.backbone = create_backbone(conf.model, conf.weights)
+        self.runner = create_runner(self.backbone, conf.runtime, conf.device, cache_dir)
+        self.pooling = create_pooling(conf.pooling, conf.gem_p, conf.rmac_levels)
+        self.mean = np.asarray(self.backbone.mean, np.float32)[:, None, None]
+        self.std = np.asarray(self.backbone.std, np.float32)[:, None, None]
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.out_channels
+
+    @property
+    def max_side(self) -> int:
+        """Long side images are decoded at (the largest scale)."""
+        return round(self.conf.image_size * max(self.conf.scales))
+
+    def _normalise(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        return (x - self.mean) / self.std
+
+    def _describe(
+        self, batch: np.ndarray, want_regions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 3, H, W)`` at the largest scale -> ``(B, D)`` and regions ``(B, R, D)``."""
+        top = max(self.conf.scales)
+        x = torch.from_numpy(batch)
+        total, regions = None, None
+        for scale in self.conf.scales:
+            feats = self.runner(F.resize_map(x, scale / top).numpy())
+            d = F.l2n(self.pooling(feats))
+            total = d if total is None else total + d
+            if want_regions and (regions is None or scale == 1.0):
+                regions = self.pooling.regions(feats)
+        return F.l2n(total), regions
+
+    def extract_arrays(
+        self, images: Sequence[np.ndarray], want_regions: bool = False
+    ) -> Descriptors:
+        """Describe decoded images.
+
+        Args:
+            images: ``(H, W, 3)`` uint8 RGB arrays, already resized to ``max_side``.
+            want_regions: also return the regional descriptors for whitening.
+        """
+        n = len(images)
+        out = np.zeros((n, self.dim), np.float32)
+        regions: list[np.ndarray | None] = [None] * n
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ConfigError(f"expected (H, W, 3) uint8 images, got {img.shape} {img.dtype}")
+            by_shape[img.shape].append(i)
+        for idx in by_shape.values():
+            for start in range(0, len(idx), self.conf.batch_size):
+                chunk = idx[start : start + self.conf.batch_size]
+                g, r = self._describe(self._normalise([images[i] for i in chunk]), want_regions)
+                out[chunk] = g.numpy()
+                if r is not None:
+                    for j, i in enumerate(chunk):
+                        regions[i] = r[j].numpy().astype(np.float16)
+        return Descriptors(out, regions if want_regions else None)  # type: ignore[arg-type]
+
+    def extract_files(
+        self, paths: Sequence[str | Path], want_regions: bool = False, chunk: int = 32
+    ) -> Iterator[tuple[list[Decoded], Descriptors]]:
+        """Decode files in worker processes and describe them, ``chunk`` files at a time.
+
+        Yields ``(decoded, descriptors)`` per chunk, in input order; ``descriptors`` has one
+        row per decoded file without error (in order). Bad files never raise.
+        """
+        pending: list[Decoded] = []
+        stream = decode_many(
+            paths, self.max_side, workers=self.conf.workers, upscale=self.conf.upscale
+        )
+        try:
+            for item in stream:
+                pending.append(item)
+                if len(pending) >= chunk:
+                    yield pending, self._describe_decoded(pending, want_regions)
+                    pending = []
+            if pending:
+                yield pending, self._describe_decoded(pending, want_regions)
+        finally:
+            stream.close()
+
+    def _describe_decoded(self, items: list[Decoded], want_regions: bool) -> Descriptors:
+        good = [d.image for d in items if d.error is None]
+        if not good:
+            return Descriptors(np.zeros((0, self.dim), np.float32), [] if want_regions else None)
+        return self.extract_arrays(good, want_regions)
+
+    def extract_query(
+        self,
+        path: str | Path,
+        box: tuple[float, float, float, float] | None = None,
+        rotations: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Describe one query image (optionally cropped): ``(len(rotations), D)`` float32."""
+        img = np.asarray(load_image(path, self.max_side, box=box, upscale=self.conf.upscale))
+        rots = self.conf.query_rotations if rotations is None else tuple(rotations)
+        # np.rot90 turns counter-clockwise, like PIL's rotate
+        views = [np.ascontiguousarray(np.rot90(img, k=(r // 90) % 4)) for r in rots]
+        return self.extract_arrays(views).global_

@@ -1,0 +1,330 @@
+"""The searchable faiss structure: construction, training, removal and search parameters.
+
+Faiss holds the (whitened, L2-normalised) descriptors under the image ids, in a
+``faiss.IndexIDMap2`` around ``faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)`` --
+except IVF structures, which store ids in their inverted lists themselves: an ``IndexIDMap2``
+around an IVF corrupts its id mapping on ``remove_ids`` (faiss issues #1643, #4535, closed
+as won't fix), so those are used unwrapped.
+
+Trained structures (IVF, PQ, SQ, ...) cannot hold vectors before training. Until the
+collection has :func:`min_train_size` vectors (40 per inverted list and at least 1,000, the
+least with which k-means and 8-bit product quantisers give usable centroids), the backend is an
+exact ``IndexFlatIP`` *fallback*; :meth:`IndexStore.checkpoint` trains the configured
+structure once there are enough vectors and rebuilds.
+
+Structures that cannot remove vectors (HNSW, NSG, refine) keep *tombstones* instead: the
+removed vector stays in the graph, its faiss position is marked dead, and searches over-fetch
+``k + dead`` candidates from the inner index and drop the dead ones. Because an update keeps
+the image id, tombstones are per position, not per id: only the newest position of a live
+id is alive. Tombstones are not saved with a checkpoint: on loading they are re-derived from
+the live ids in SQLite. :meth:`IndexStore.compact` (and a checkpoint once a quarter of the
+positions are dead) rebuilds the structure without them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from lookalike.index.conf import IndexConf, faiss_message
+from lookalike.index.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+TRAIN_PER_LIST = 40  # least training vectors per IVF list (faiss warns below 39)
+MIN_TRAIN = 1000  # least training vectors of any trained structure
+TRAIN_SAMPLE_PER_LIST = 100  # training vectors per IVF list: plenty for k-means, bounded RAM
+TRAIN_SAMPLE_MIN = 65536  # PQ/SQ codebooks: faiss subsamples 256 x 256 per sub-quantizer
+ADD_CHUNK = 65536  # vectors added per faiss call when building
+DEAD_REBUILD_FRACTION = 0.25  # checkpoint() rebuilds a tombstoned structure past this
+
+
+def make_index(conf: IndexConf, dim: int) -> faiss.Index:
+    """A fresh, empty (maybe untrained) structure from ``conf.factory`` at ``dim``.
+
+    Polysemous training of product quantisers is switched off: it only serves Hamming
+    filtering, which we never enable, and it costs minutes on large collections (seconds on
+    2,000 vectors) for nothing.
+    """
+    index = faiss.index_factory(int(dim), conf.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    for part in (index, ivf):
+        part = None if part is None else faiss.downcast_index(part)
+        if part is not None and hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    return index
+
+
+def min_train_size(index: faiss.Index) -> int:
+    """Vectors needed before ``index`` (untrained) is trained instead of a flat fallback."""
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = 0 if ivf is None else int(ivf.nlist)
+    return max(TRAIN_PER_LIST * nlist, MIN_TRAIN)
+
+
+def _train_sample_size(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = 0 if ivf is None else int(ivf.nlist)
+    return max(TRAIN_SAMPLE_PER_LIST * nlist, TRAIN_SAMPLE_MIN)
+
+
+def _native_ids(index: faiss.Index) -> bool:
+    """Whether ``index`` keeps arbitrary ids itself (IVF, maybe behind a pre-transform)."""
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        top = faiss.downcast_index(top.index)
+    return isinstance(top, faiss.IndexIVF)
+
+
+def with_ids(index: faiss.Index) -> faiss.Index:
+    """``index`` ready for ``add_with_ids``: IVF as is, anything else in an ``IndexIDMap2``."""
+    return index if _native_ids(index) else faiss.IndexIDMap2(index)
+
+
+def _all_labels(index: faiss.Index) -> np.ndarray:
+    """Every id stored in ``index`` (from the id map, or from the inverted lists)."""
+    if isinstance(index, faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    invlists = faiss.extract_index_ivf(index).invlists
+    parts = [
+        faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+        for i in range(invlists.nlist)
+        if invlists.list_size(i)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+def _can_remove(index: faiss.Index) -> bool:
+    # Removing an id that is never used (-1) changes nothing but tells whether the structure
+    # implements remove_ids; faiss raises before touching anything when it does not.
+    try:
+        index.remove_ids(np.array([-1], dtype=np.int64))
+    except RuntimeError:
+        return False
+    return True
+
+
+class Backend:
+    """A faiss index under image ids plus the tombstones of structures that cannot remove.
+
+    Args:
+        index: the structure made by :func:`with_ids` (an id map, or an IVF).
+        conf: search settings (``nprobe``, ``ef_search``) and the configured factory.
+        fallback: ``index`` is the exact flat stand-in for a not yet trained structure.
+    """
+
+    def __init__(self, index: faiss.Index, conf: IndexConf, fallback: bool) -> None:
+        self.index = index
+        self.conf = conf
+        self.fallback = fallback
+        self.removable = _can_remove(index)
+        wrapped = isinstance(index, faiss.IndexIDMap2)
+        self._inner = faiss.downcast_index(index.index) if wrapped else None
+        self._labels = np.empty(0, dtype=np.int64)  # faiss position -> image id
+        self._dead = np.zeros(0, dtype=bool)  # faiss position -> tombstoned
+        self._live_pos: dict[int, int] = {}  # image id -> its live faiss position
+        if not self.removable:
+            self._init_tombstones()
+        self.apply_search_params()
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, conf: IndexConf, dim: int) -> Backend:
+        """No vectors: the configured structure, or the flat fallback if it needs training."""
+        index = make_index(conf, dim)
+        if index.is_trained:
+            return cls(with_ids(index), conf, fallback=False)
+        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), conf, fallback=True)
+
+    @classmethod
+    def read(cls, path: Path, conf: IndexConf) -> Backend:
+        """Load a checkpoint written by :meth:`write` (``RuntimeError`` if unreadable)."""
+        index = faiss.read_index(str(path))
+        if not isinstance(index, faiss.IndexIDMap2) and not _native_ids(index):
+            raise RuntimeError(f"{path} holds a {type(index).__name__} without image ids")
+        fallback = False
+        if isinstance(index, faiss.IndexIDMap2) and not make_index(conf, index.d).is_trained:
+            inner = faiss.downcast_index(index.index)
+            fallback = type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP)
+        return cls(index, conf, fallback=fallback)
+
+    @classmethod
+    def build(
+        cls,
+        conf: IndexConf,
+        dim: int,
+        ids: np.ndarray,
+        fetch: Callable[[np.ndarray], np.ndarray],
+        seed: int = 0,
+    ) -> Backend:
+        """Build from scratch, training the configured structure if there are enough vectors.
+
+        Args:
+            conf: index settings.
+            dim: faiss dimension ``d`` (after whitening).
+            ids: ``(n,)`` image ids.
+            fetch: ``fetch(rows)`` returns the ``(len(rows), d)`` float32 vectors of
+                ``ids[rows]``, ready for faiss (whitened, normalised).
+            seed: for the training sample.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        index = make_index(conf, dim)
+        fallback = False
+        if not index.is_trained:
+            need = min_train_size(index)
+            if n < need:
+                logger.info(
+                    "%d vectors < %d needed to train %s: exact flat fallback", n, need, conf.factory
+                )
+                index, fallback = faiss.IndexFlatIP(int(dim)), True
+            else:
+                rows = np.arange(n)
+                size = min(n, _train_sample_size(index))
+                if size < n:
+                    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+                logger.info("training %s on %d of %d vectors", conf.factory, size, n)
+                index.train(np.ascontiguousarray(fetch(rows), dtype=np.float32))
+        backend = cls(with_ids(index), conf, fallback=fallback)
+        for begin in range(0, n, ADD_CHUNK):
+            rows = np.arange(begin, min(n, begin + ADD_CHUNK))
+            backend.add(fetch(rows), ids[rows])
+        return backend
+
+    def write(self, path: Path) -> None:
+        """Save to ``path`` atomically (tmp file, fsync, rename, directory fsync)."""
+        atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors stored in faiss, tombstoned ones included."""
+        return int(self.index.ntotal)
+
+    @property
+    def n_live(self) -> int:
+        return self.ntotal if self.removable else len(self._live_pos)
+
+    @property
+    def n_dead(self) -> int:
+        return self.ntotal - self.n_live
+
+    def wants_rebuild(self) -> bool:
+        """Whether too many tombstones make a rebuild worth it."""
+        return self.n_dead > 0 and self.n_dead >= DEAD_REBUILD_FRACTION * max(self.ntotal, 1)
+
+    def apply_search_params(self) -> None:
+        """Set ``nprobe`` (IVF) and ``efSearch`` (HNSW) where the structure has them."""
+        space = faiss.ParameterSpace()
+        if faiss.try_extract_index_ivf(self.index) is not None:
+            space.set_index_parameter(self.index, "nprobe", int(self.conf.nprobe))
+        if "HNSW" in self.conf.factory.upper() and not self.fallback:
+            try:
+                space.set_index_parameter(self.index, "efSearch", int(self.conf.ef_search))
+            except RuntimeError as error:
+                logger.debug(
+                    "efSearch not applicable to %s: %s", self.conf.factory, faiss_message(error)
+                )
+
+    def _init_tombstones(self) -> None:
+        labels = _all_labels(self.index)
+        self._labels = labels
+        self._dead = np.ones(len(labels), dtype=bool)
+        self._live_pos = {}
+        if len(labels):
+            # the newest position of each id is its live one (updates append)
+            unique, first_in_reversed = np.unique(labels[::-1], return_index=True)
+            last = len(labels) - 1 - first_in_reversed
+            self._dead[last] = False
+            self._live_pos = dict(zip(unique.tolist(), last.tolist(), strict=True))
+
+    # -- mutation --------------------------------------------------------------------------
+
+    def add(self, x: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``(n, d)`` float32 vectors under ``(n,)`` image ids."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        if not self.removable:
+            start = len(self._labels)
+            for offset, image_id in enumerate(ids.tolist()):
+                old = self._live_pos.get(image_id)
+                if old is not None:
+                    self._dead[old] = True
+                self._live_pos[image_id] = start + offset
+            self._labels = np.concatenate([self._labels, ids])
+            self._dead = np.concatenate([self._dead, np.zeros(len(ids), dtype=bool)])
+        self.index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove (or tombstone) the vectors of ``ids``; unknown ids are ignored."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        if self.removable:
+            self.index.remove_ids(ids)
+            return
+        for image_id in ids.tolist():
+            position = self._live_pos.pop(image_id, None)
+            if position is not None:
+                self._dead[position] = True
+
+    def retain(self, live_ids: np.ndarray) -> None:
+        """Drop every vector whose id is not in ``live_ids`` (a consistency pass after loading)."""
+        live = np.asarray(live_ids, dtype=np.int64)
+        if not self.removable:
+            wanted = set(live.tolist())
+            keep = {i: p for i, p in self._live_pos.items() if i in wanted}
+            self._live_pos = keep
+            self._dead = np.ones(len(self._labels), dtype=bool)
+            self._dead[np.fromiter(keep.values(), dtype=np.int64, count=len(keep))] = False
+            return
+        if self.ntotal == len(live):
+            return
+        extra = np.setdiff1d(_all_labels(self.index), live)
+        logger.warning(
+            "faiss held %d ids that meta.sqlite does not list; removing them", len(extra)
+        )
+        self.remove(extra)
+
+    # -- search ----------------------------------------------------------------------------
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` by inner product of ``(n, d)`` queries.
+
+        Returns:
+            ``(scores, ids)`` of shape ``(n, k)``, float32 / int64, best first; ``-1`` ids
+            with ``-inf`` scores pad rows with fewer than ``k`` results.
+        """
+        n = len(x)
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        if n == 0 or k <= 0 or self.n_live == 0:
+            return scores, ids
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.removable:
+            got = min(k, self.ntotal)
+            found_scores, found_ids = self.index.search(x, got)
+        else:
+            fetch = min(k + self.n_dead, self.ntotal)
+            found_scores, positions = self._inner.search(x, fetch)
+            valid = positions >= 0
+            valid[valid] = ~self._dead[positions[valid]]
+            found_ids = np.where(valid, self._labels[np.where(positions >= 0, positions, 0)], -1)
+            order = np.argsort(~valid, axis=1, kind="stable")  # live hits first, rank kept
+            got = min(k, fetch)
+            found_ids = np.take_along_axis(found_ids, order, axis=1)[:, :got]
+            found_scores = np.take_along_axis(found_scores, order, axis=1)[:, :got]
+        ids[:, :got] = found_ids
+        scores[:, :got] = np.where(found_ids >= 0, found_scores, -np.inf)
+        return scores, ids

@@ -1,0 +1,232 @@
+"""Bringing the in-memory faiss index up to date with what SQLite says.
+
+A *view* is a faiss backend plus the whitening it was built with and the last op it
+reflects. Loading reads the manifest, the whitening, the named checkpoint, then replays the
+``ops`` logged after it, inside one SQLite read transaction so the replay sees one consistent
+state. Writes thus become visible as soon as they commit; the checkpoint only saves time.
+
+Races with the writer are resolved by retrying: a checkpoint deleted meanwhile, ops pruned
+past the checkpoint by a compaction, a vector file replaced by a compaction, or a whitening
+swapped (``manifest.whitening.epoch`` differs before and after) all restart the load. After
+a few attempts, or when the checkpoint is unreadable, the view is rebuilt from the vectors of
+the live rows instead, which is always correct, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lookalike.errors import IndexStateError
+from lookalike.index.backend import Backend
+from lookalike.index.conf import IndexConf, faiss_message
+from lookalike.index.manifest import read_manifest
+from lookalike.index.metadata import MetaDB
+from lookalike.index.vectors import DEFAULT_NAME, VectorFile
+
+if TYPE_CHECKING:
+    from lookalike.whitening import Whitening
+
+logger = logging.getLogger(__name__)
+
+WHITENING_NAME = "whitening.npz"
+ATTEMPTS = 5  # full-load attempts before giving up
+REBUILD_AFTER = 2  # attempts that retry a vanished checkpoint before rebuilding instead
+REPLAY_CHUNK = 16384  # ops fetched per query while replaying
+
+
+class _Retry(Exception):
+    """The writer changed something under the loader; start again."""
+
+
+@dataclass
+class View:
+    """The in-memory search state.
+
+    Attributes:
+        backend: the faiss structure.
+        whitening: applied to stored and query descriptors, or None.
+        seq: the newest op reflected in ``backend``.
+        epoch: ``manifest.whitening.epoch`` the view was built under.
+        from_checkpoint: started from the manifest's checkpoint file (False: rebuilt or
+            replayed from nothing, so a writer's next checkpoint should be written).
+    """
+
+    backend: Backend
+    whitening: Whitening | None
+    seq: int
+    epoch: int
+    from_checkpoint: bool
+
+
+def load_whitening(root: Path) -> Whitening | None:
+    """``root/whitening.npz`` if present (the file, not the manifest flag, is authoritative)."""
+    path = root / WHITENING_NAME
+    if not path.exists():
+        return None
+    from lookalike.whitening import Whitening  # imports torch: only when there is one
+
+    return Whitening.load(path)
+
+
+def prepare(raw: np.ndarray, whitening: Whitening | None) -> np.ndarray:
+    """Raw ``(n, D)`` descriptors into what faiss holds: whitened ``(n, d)`` or raw."""
+    if whitening is None:
+        return np.ascontiguousarray(raw, dtype=np.float32)
+    return np.ascontiguousarray(whitening.apply(raw), dtype=np.float32)
+
+
+class Loader:
+    """Loads and refreshes views of the index in ``root``.
+
+    Args:
+        root: the index directory.
+        db: its ``meta.sqlite``.
+        dim: raw descriptor dimension ``D``.
+        conf: index settings.
+    """
+
+    def __init__(self, root: Path, db: MetaDB, dim: int, conf: IndexConf) -> None:
+        self.root = root
+        self.db = db
+        self.dim = dim
+        self.conf = conf
+
+    def vector_file(self) -> tuple[VectorFile, int]:
+        """The current vector file and its committed rows (call inside a snapshot)."""
+        name = self.db.kv_get("vectors_file", DEFAULT_NAME) or DEFAULT_NAME
+        return VectorFile(self.root / name, self.dim), self.db.kv_int("n_rows")
+
+    def load(self) -> View:
+        """A full load: checkpoint + replay, with retries (see the module docstring)."""
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._load_once(allow_rebuild=attempt >= REBUILD_AFTER)
+            except (_Retry, FileNotFoundError) as why:
+                logger.debug("index %s changed while loading (%s); retrying", self.root, why)
+                time.sleep(0.05 * (attempt + 1))
+        raise IndexStateError(
+            f"index {self.root} kept changing while it was being loaded; retry in a moment"
+        )
+
+    def _load_once(self, allow_rebuild: bool) -> View:
+        manifest = read_manifest(self.root)
+        epoch = int(manifest["whitening"]["epoch"])
+        whitening = load_whitening(self.root)
+        dim = self.dim if whitening is None else whitening.dim_out
+        checkpoint = manifest["checkpoint"]
+        backend, checkpoint_seq = self._read_checkpoint(checkpoint, dim, allow_rebuild)
+        with self.db.snapshot():
+            pruned = self.db.kv_int("ops_pruned_through")
+            if backend is not None and pruned > checkpoint_seq:
+                if not allow_rebuild:
+                    raise _Retry(f"ops up to {pruned} pruned, checkpoint at {checkpoint_seq}")
+                backend = None
+            from_checkpoint = backend is not None and checkpoint.get("file") is not None
+            if backend is None:
+                backend, seq = self._build(whitening)
+            else:
+                seq = self._replay(backend, whitening, checkpoint_seq, fresh=True)
+        if int(read_manifest(self.root)["whitening"]["epoch"]) != epoch:
+            raise _Retry("whitening changed")
+        return View(backend, whitening, seq, epoch, from_checkpoint)
+
+    def _read_checkpoint(
+        self, checkpoint: dict, dim: int, allow_rebuild: bool
+    ) -> tuple[Backend | None, int]:
+        """The checkpoint's backend and seq; ``(None, 0)`` when it must be rebuilt."""
+        name = checkpoint.get("file")
+        if name is None:
+            return Backend.empty(self.conf, dim), 0
+        path = self.root / name
+        if not path.exists():
+            if not allow_rebuild:
+                raise _Retry(f"checkpoint {name} vanished")
+            logger.warning("checkpoint %s is missing; rebuilding from the vectors", path)
+            return None, 0
+        try:
+            backend = Backend.read(path, self.conf)
+        except RuntimeError as error:
+            if not path.exists() and not allow_rebuild:
+                raise _Retry(f"checkpoint {name} vanished") from None
+            logger.warning(
+                "checkpoint %s is unreadable (%s); rebuilding the faiss index in memory from "
+                "the vectors (a writer's next checkpoint() replaces it)",
+                path,
+                faiss_message(error),
+            )
+            return None, 0
+        if backend.dim != dim:
+            logger.warning(
+                "checkpoint %s holds %d-d vectors, expected %d; rebuilding", path, backend.dim, dim
+            )
+            return None, 0
+        return backend, int(checkpoint.get("seq", 0))
+
+    def _build(self, whitening: Whitening | None) -> tuple[Backend, int]:
+        """Rebuild from the live rows (call inside a snapshot); returns the backend and seq."""
+        ids, slots = self.db.live()
+        vectors, n_rows = self.vector_file()
+        seq = self.db.last_seq()
+        dim = self.dim if whitening is None else whitening.dim_out
+        backend = Backend.build(
+            self.conf, dim, ids, lambda rows: prepare(vectors.read(slots[rows], n_rows), whitening)
+        )
+        return backend, seq
+
+    def rebuild(self, whitening: Whitening | None) -> tuple[Backend, int]:
+        """Rebuild from the current live rows, training the structure when possible."""
+        with self.db.snapshot():
+            return self._build(whitening)
+
+    def _replay(
+        self, backend: Backend, whitening: Whitening | None, after: int, fresh: bool
+    ) -> int:
+        """Apply the ops with a seq above ``after`` (call inside a snapshot); returns the last.
+
+        ``fresh``: ``backend`` was just read from a checkpoint, so a tombstoned structure
+        must learn which of its ids were removed before the checkpoint.
+        """
+        vectors, n_rows = self.vector_file()
+        seq = after
+        while ops := self.db.ops_after(seq, REPLAY_CHUNK):
+            begin = 0
+            while begin < len(ops):  # consecutive ops of one kind go to faiss in one call
+                kind, end = ops[begin][1], begin
+                while end < len(ops) and ops[end][1] == kind:
+                    end += 1
+                ids = np.array([op[2] for op in ops[begin:end]], dtype=np.int64)
+                if kind == "add":
+                    slots = np.array([op[3] for op in ops[begin:end]], dtype=np.int64)
+                    backend.add(prepare(vectors.read(slots, n_rows), whitening), ids)
+                else:
+                    backend.remove(ids)
+                begin = end
+            seq = int(ops[-1][0])
+        if (fresh and not backend.removable) or backend.n_live != self.db.count_ok():
+            backend.retain(self.db.live()[0])
+        return seq
+
+    def catch_up(self, view: View, check_manifest: bool = True) -> View:
+        """Bring ``view`` up to the latest commit: replay in place, or reload when needed."""
+        if check_manifest:
+            manifest = read_manifest(self.root)
+            if int(manifest["whitening"]["epoch"]) != view.epoch:
+                return self.load()
+            trained = manifest["checkpoint"].get("file") and not manifest["checkpoint"]["fallback"]
+            if view.backend.fallback and trained:  # pick up the newly trained structure
+                return self.load()
+        try:
+            with self.db.snapshot():
+                if self.db.kv_int("ops_pruned_through") > view.seq:
+                    raise _Retry("ops pruned past the view")
+                view.seq = self._replay(view.backend, view.whitening, view.seq, fresh=False)
+        except (_Retry, FileNotFoundError):
+            # a half-applied replay leaves the backend undefined: start from scratch
+            return self.load()
+        return view

@@ -1,0 +1,213 @@
+"""Index a folder: list files, decode and describe what is new or changed, commit in batches.
+
+This is the ``index`` stage: it composes :mod:`lookalike.images`, :mod:`lookalike.extract`
+and the on-disk :class:`~lookalike.index.IndexStore`. Every chunk of files is one atomic
+commit, so a run killed at any moment resumes with the files it had not committed yet:
+a file whose size and mtime match its record is never processed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.errors import LookalikeError
+from lookalike.extract import ExtractConf, Extractor
+from lookalike.images import IMAGE_EXTENSIONS, list_images
+from lookalike.index import IndexConf, IndexStore, NewImage
+from lookalike.index.manifest import MANIFEST_NAME
+from lookalike.whitening import learn_whitening
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (files done, files to do)
+
+CHECKPOINT_EVERY = 10_000  # files between faiss checkpoints (bounds replay on open)
+REGION_SAMPLE = 60_000  # regional descriptors kept for learning the whitening
+
+
+@dataclass
+class IndexReport:
+    """What one indexing run did."""
+
+    added: int = 0  # new files described and indexed
+    updated: int = 0  # known files whose size/mtime changed, described again
+    unchanged: int = 0  # known files skipped
+    removed: int = 0  # vanished files removed (remove_missing=True)
+    missing: int = 0  # vanished files kept in the index (remove_missing=False)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) unreadable files
+    seconds: float = 0.0  # wall time of decoding + describing + committing
+    whitening_learned: bool = False
+
+    @property
+    def processed(self) -> int:
+        return self.added + self.updated + len(self.failed)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def open_for_writing(
+    index_dir: str | Path, conf: ExtractConf, index_conf: IndexConf, extractor: Extractor | None
+) -> tuple[IndexStore, Extractor]:
+    """Open (settings checked first, cheaply) or create the index, with its extractor."""
+    index_dir = Path(index_dir)
+    if (index_dir / MANIFEST_NAME).exists():
+        store = IndexStore.open(index_dir, writable=True)
+        try:
+            store.check_compatible(conf.descriptor(), index_conf)
+            extractor = extractor or Extractor(conf)
+        except BaseException:
+            store.close()
+            raise
+        return store, extractor
+    extractor = extractor or Extractor(conf)
+    store = IndexStore.create(
+        index_dir, conf.descriptor(), extractor.dim, index_conf, exist_ok=True
+    )
+    return store, extractor
+
+
+def index_folder(
+    image_dir: str | Path,
+    index_dir: str | Path,
+    conf: ExtractConf = ExtractConf(),
+    index_conf: IndexConf = IndexConf(),
+    *,
+    remove_missing: bool = False,
+    metadata: Callable[[Path], dict] | None = None,
+    extractor: Extractor | None = None,
+    progress: Progress | None = None,
+    chunk: int = 32,
+) -> IndexReport:
+    """Bring the index at ``index_dir`` in sync with the images under ``image_dir``.
+
+    Args:
+        image_dir: folder scanned recursively for images.
+        index_dir: index directory; created on first use.
+        conf: descriptor settings; an existing index built with others is refused.
+        index_conf: faiss structure for a new index.
+        remove_missing: drop indexed files under ``image_dir`` that no longer exist.
+        metadata: user metadata per file (stored as JSON), e.g. a label.
+        extractor: a ready extractor for ``conf`` (saves loading the model twice).
+        progress: called after each committed chunk.
+        chunk: files per atomic commit.
+    """
+    root = Path(image_dir).expanduser().resolve()
+    files = list_images(root)
+    if not files:
+        raise LookalikeError(
+            f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    store, extractor = open_for_writing(index_dir, conf, index_conf, extractor)
+    try:
+        return _sync(store, extractor, root, files, remove_missing, metadata, progress, chunk)
+    finally:
+        store.close()
+
+
+def _sync(
+    store: IndexStore,
+    extractor: Extractor,
+    root: Path,
+    files: list[Path],
+    remove_missing: bool,
+    metadata: Callable[[Path], dict] | None,
+    progress: Progress | None,
+    chunk: int,
+) -> IndexReport:
+    report = IndexReport()
+    known = {r.path: r for r in store.records()}
+    todo: list[Path] = []
+    for path in files:
+        rec = known.get(str(path))
+        st = path.stat()
+        if rec is not None and rec.size == st.st_size and rec.mtime == st.st_mtime:
+            report.unchanged += 1
+        else:
+            todo.append(path)
+    present = {str(p) for p in files}
+    vanished = [p for p in known if _is_under(p, root) and p not in present]
+    if remove_missing:
+        report.removed = store.remove_paths(vanished)
+    else:
+        report.missing = len(vanished)
+
+    need_whitening = extractor.conf.whitening is not None and store.whitening is None
+    regions: list[np.ndarray] = []
+    done, since_checkpoint, start = 0, 0, time.perf_counter()
+    if progress:
+        progress(0, len(todo))
+    for decoded, desc in extractor.extract_files(todo, want_regions=need_whitening, chunk=chunk):
+        images = []
+        for d in decoded:
+            images.append(
+                NewImage(
+                    path=d.path,
+                    content_hash=d.content_hash,
+                    size=d.size,
+                    mtime=d.mtime,
+                    width=d.width,
+                    height=d.height,
+                    metadata=metadata(Path(d.path)) if metadata and d.error is None else {},
+                    error=d.error,
+                )
+            )
+            if d.error is not None:
+                report.failed.append((d.path, d.error))
+            elif d.path in known:
+                report.updated += 1
+            else:
+                report.added += 1
+        store.add(images, desc.global_)
+        if desc.regions:
+            _sample_regions(regions, desc.regions)
+        done += len(decoded)
+        since_checkpoint += len(decoded)
+        if since_checkpoint >= CHECKPOINT_EVERY:
+            store.checkpoint()
+            since_checkpoint = 0
+        if progress:
+            progress(done, len(todo))
+    report.seconds = time.perf_counter() - start
+    if need_whitening and len(store) >= extractor.conf.whitening.min_images:
+        report.whitening_learned = _learn_whitening(store, extractor, regions)
+    if not report.whitening_learned:
+        store.checkpoint()
+    return report
+
+
+def _is_under(path: str, root: Path) -> bool:
+    return Path(path).is_relative_to(root)
+
+
+def _sample_regions(sample: list[np.ndarray], regions: list[np.ndarray]) -> None:
+    """Keep at most ``REGION_SAMPLE`` regional descriptors, a few from every image."""
+    per_image = max(1, REGION_SAMPLE // 1000)
+    rng = np.random.default_rng(len(sample))
+    for r in regions:
+        if sum(len(s) for s in sample) >= REGION_SAMPLE:
+            return
+        take = rng.permutation(len(r))[:per_image]
+        sample.append(r[np.sort(take)])
+
+
+def _learn_whitening(store: IndexStore, extractor: Extractor, regions: list[np.ndarray]) -> bool:
+    """Learn the whitening from the sampled regions (or, after a resumed run, the vectors)."""
+    conf = extractor.conf.whitening
+    if len(regions) >= conf.min_images:
+        data = np.concatenate(regions).astype(np.float32)
+        source = f"{len(data)} regional descriptors of {len(regions)} images"
+    else:  # a resumed run saw too few images: learn from the stored global descriptors
+        ids = [r.id for r in store.records(status="ok")]
+        data = store.vectors(ids)
+        source = f"{len(data)} global descriptors"
+    store.set_whitening(learn_whitening(data, conf))
+    logger.info("learned the whitening from %s", source)
+    return True
