@@ -13,8 +13,8 @@ class LookalikeError(Exception):
     exit_code = 1
 
 
-class ConfigError(LookalikeError):
-    """An unknown preset, model, pooling, factory string or option value."""
+class ConfigError(LookalikeError, ValueError):
+    """An unknown preset, model, pooling, factory string or option value (also a ValueError)."""
 
     exit_code = 2
 

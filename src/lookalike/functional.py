@@ -47,8 +47,8 @@ def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4)
     """R-MAC square regions (Tolias et al. 2016) as ``(y0, x0, side)`` in feature-map cells.
 
     Level ``l`` places ``l + m - 1`` squares of side ``2 * min(H, W) / (l + 1)`` along the long
-    side, where ``m`` is chosen so consecutive squares overlap by about ``overlap``. The whole
-    map (level 0, one square of the short side) is included.
+    side, where ``m`` is chosen so consecutive squares overlap by about ``overlap``. The whole-map
+    term of R-MAC is not among them: :func:`rmac` adds it.
     """
     short, long_ = min(height, width), max(height, width)
     steps = np.arange(1, 7)

@@ -85,11 +85,11 @@ def learn_whitening(x: np.ndarray, conf: WhiteningConf) -> Whitening:
     xc = x - mean
     cov = xc.T @ xc / x.shape[0]
     eigval, eigvec = np.linalg.eigh(cov)
-    order = np.argsort(eigval)[::-1][:dim]
-    eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
     # Shrink towards the mean of the eigenvalues (Ledoit-Wolf style): tames the tiny,
     # noisy trailing eigenvalues that full whitening would blow up.
-    total = np.clip(np.linalg.eigvalsh(cov), 0.0, None).mean()
+    total = np.clip(eigval, 0.0, None).mean()
+    order = np.argsort(eigval)[::-1][:dim]
+    eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
     eigval = (1.0 - conf.shrinkage) * eigval + conf.shrinkage * total
     scale = (eigval + 1e-9 * max(total, 1e-12)) ** -conf.power
     projection = eigvec * scale[None, :]
