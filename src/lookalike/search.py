@@ -31,7 +31,8 @@ class Hit:
     rank: int  # 1-based
     id: int
     path: str
-    score: float  # cosine similarity in the index space, higher is more similar
+    score: float  # cosine similarity in the index space (less rotation_penalty for a match
+    #   found by a rotated query view); higher is more similar
     metadata: dict
 
 
@@ -88,6 +89,10 @@ class Searcher:
         self.conf = conf_from_descriptor(
             self.store.manifest["descriptor"], runtime=runtime, device=device, workers=0
         )
+        if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
+            raise ConfigError(
+                f"the extractor's settings differ from those index {index_dir} was built with"
+            )
         self._extractor = extractor
 
     def close(self) -> None:
@@ -131,8 +136,9 @@ class Searcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Describe query images (cropped to ``boxes``) and search.
 
-        Several ``rotations`` (degrees; default: the preset's ``query_rotations``) search each
-        view and keep every result's best score.
+        Several ``rotations`` (degrees; default: the preset's ``query_rotations``, upright
+        first) search each view and keep every result's best score, the rotated views'
+        scores lowered by ``rotation_penalty``.
         """
         boxes = list(boxes) if boxes is not None else [None] * len(paths)
         if len(boxes) != len(paths):
@@ -140,9 +146,14 @@ class Searcher:
         k_all = len(self.store) if k <= 0 else k
         out_s = np.full((len(paths), max(k_all, 0)), -np.inf, np.float32)
         out_i = np.full((len(paths), max(k_all, 0)), -1, np.int64)
+        rots = tuple(self.conf.query_rotations if rotations is None else rotations)
+        penalty = np.array([0.0 if r % 360 == 0 else self.conf.rotation_penalty for r in rots])
+        penalty = penalty.astype(np.float32)[:, None]
         for row, (path, box) in enumerate(zip(paths, boxes, strict=True)):
-            views = self.extractor.extract_query(path, box, rotations)
+            views = self.extractor.extract_query(path, box, rots)
             scores, ids = self.store.search(views, k_all)
+            # a rotated view must beat the upright one by a margin: upright photos are the norm
+            scores -= penalty
             if len(views) == 1:
                 out_s[row], out_i[row] = scores[0], ids[0]
             else:
