@@ -75,6 +75,13 @@ class ExtractConf:
         d["scales"] = list(self.scales)
         return d
 
+    def query_settings(self) -> dict:
+        """The query-time fields an index records as its search defaults."""
+        return {
+            "query_rotations": list(self.query_rotations),
+            "rotation_penalty": self.rotation_penalty,
+        }
+
     def replace(self, **changes: object) -> ExtractConf:
         """A copy with some fields changed (validated)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.errors import LookalikeError
+from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import ExtractConf, Extractor
 from lookalike.images import IMAGE_EXTENSIONS, list_images
 from lookalike.index import IndexConf, IndexStore, NewImage
@@ -55,14 +55,21 @@ class IndexReport:
 
 def open_for_writing(
     index_dir: str | Path, conf: ExtractConf, index_conf: IndexConf, extractor: Extractor | None
-) -> tuple[IndexStore, Extractor]:
-    """Open (settings checked first, cheaply) or create the index, with its extractor."""
+) -> tuple[IndexStore, Extractor | None]:
+    """Open (settings checked first, cheaply) or create the index.
+
+    The model is loaded only to create a new index (its dimension is needed); for an
+    existing one the returned extractor is ``extractor`` as given, possibly None, and is
+    made later only if some file needs describing. A new index records ``conf``'s
+    query-time settings (rotations) as its search defaults.
+    """
     index_dir = Path(index_dir)
+    if extractor is not None and extractor.conf.descriptor() != conf.descriptor():
+        raise ConfigError("the extractor given was made with other descriptor settings than conf")
     if (index_dir / MANIFEST_NAME).exists():
         store = IndexStore.open(index_dir, writable=True)
         try:
             store.check_compatible(conf.descriptor(), index_conf)
-            extractor = extractor or Extractor(conf)
         except BaseException:
             store.close()
             raise
@@ -71,6 +78,8 @@ def open_for_writing(
     store = IndexStore.create(
         index_dir, conf.descriptor(), extractor.dim, index_conf, exist_ok=True
     )
+    if not store.settings:
+        store.set_settings(conf.query_settings())
     return store, extractor
 
 
@@ -107,44 +116,92 @@ def index_folder(
         )
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor)
     try:
-        return _sync(store, extractor, root, files, remove_missing, metadata, progress, chunk)
+        return _sync(store, conf, extractor, root, files, remove_missing, metadata, progress, chunk)
+    finally:
+        store.close()
+
+
+def index_files(
+    paths: Sequence[str | Path],
+    index_dir: str | Path,
+    conf: ExtractConf = ExtractConf(),
+    index_conf: IndexConf = IndexConf(),
+    *,
+    metadata: Callable[[Path], dict] | None = None,
+    extractor: Extractor | None = None,
+    progress: Progress | None = None,
+    chunk: int = 32,
+) -> IndexReport:
+    """Bring the index at ``index_dir`` in sync with exactly these image files.
+
+    Like :func:`index_folder` for an explicit list (a benchmark's database, say): new and
+    changed files are described, unchanged ones skipped; files already indexed but not
+    listed are left alone. Paths are resolved to absolute ones and duplicates dropped; a
+    missing or unreadable file is recorded as failed.
+
+    Raises:
+        LookalikeError: ``paths`` is empty.
+    """
+    files = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
+    if not files:
+        raise LookalikeError("no image files given to index")
+    store, extractor = open_for_writing(index_dir, conf, index_conf, extractor)
+    try:
+        return _sync(store, conf, extractor, None, files, False, metadata, progress, chunk)
     finally:
         store.close()
 
 
 def _sync(
     store: IndexStore,
-    extractor: Extractor,
-    root: Path,
+    conf: ExtractConf,
+    extractor: Extractor | None,
+    root: Path | None,
     files: list[Path],
     remove_missing: bool,
     metadata: Callable[[Path], dict] | None,
     progress: Progress | None,
     chunk: int,
 ) -> IndexReport:
+    """Index ``files``; with a ``root``, indexed files under it that are not listed vanished."""
     report = IndexReport()
     known = {r.path: r for r in store.records()}
     todo: list[Path] = []
     for path in files:
         rec = known.get(str(path))
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError:  # gone or unreadable: decoding records the reason as a failure
+            todo.append(path)
+            continue
         if rec is not None and rec.size == st.st_size and rec.mtime == st.st_mtime:
             report.unchanged += 1
         else:
             todo.append(path)
-    present = {str(p) for p in files}
-    vanished = [p for p in known if _is_under(p, root) and p not in present]
-    if remove_missing:
-        report.removed = store.remove_paths(vanished)
-    else:
-        report.missing = len(vanished)
-
-    need_whitening = extractor.conf.whitening is not None and store.whitening is None
+    if root is not None:
+        present = {str(p) for p in files}
+        vanished = [p for p in known if _is_under(p, root) and p not in present]
+        if remove_missing:
+            report.removed = store.remove_paths(vanished)
+        else:
+            report.missing = len(vanished)
+    logger.info(
+        "%d files to describe, %d unchanged, %d vanished",
+        len(todo),
+        report.unchanged,
+        report.removed + report.missing,
+    )
+    need_whitening = conf.whitening is not None and store.whitening is None
+    if todo and extractor is None:
+        extractor = Extractor(conf)
     regions: list[np.ndarray] = []
     done, since_checkpoint, start = 0, 0, time.perf_counter()
     if progress:
         progress(0, len(todo))
-    for decoded, desc in extractor.extract_files(todo, want_regions=need_whitening, chunk=chunk):
+    batches = (
+        extractor.extract_files(todo, want_regions=need_whitening, chunk=chunk) if todo else []
+    )
+    for decoded, desc in batches:
         images = []
         for d in decoded:
             images.append(
@@ -176,8 +233,8 @@ def _sync(
         if progress:
             progress(done, len(todo))
     report.seconds = time.perf_counter() - start
-    if need_whitening and len(store) >= extractor.conf.whitening.min_images:
-        report.whitening_learned = _learn_whitening(store, extractor, regions)
+    if need_whitening and len(store) >= conf.whitening.min_images:
+        report.whitening_learned = _learn_whitening(store, conf, regions)
     if not report.whitening_learned:
         store.checkpoint()
     return report
@@ -198,16 +255,16 @@ def _sample_regions(sample: list[np.ndarray], regions: list[np.ndarray]) -> None
         sample.append(r[np.sort(take)])
 
 
-def _learn_whitening(store: IndexStore, extractor: Extractor, regions: list[np.ndarray]) -> bool:
+def _learn_whitening(store: IndexStore, conf: ExtractConf, regions: list[np.ndarray]) -> bool:
     """Learn the whitening from the sampled regions (or, after a resumed run, the vectors)."""
-    conf = extractor.conf.whitening
-    if len(regions) >= conf.min_images:
+    wconf = conf.whitening
+    if len(regions) >= wconf.min_images:
         data = np.concatenate(regions).astype(np.float32)
         source = f"{len(data)} regional descriptors of {len(regions)} images"
     else:  # a resumed run saw too few images: learn from the stored global descriptors
         ids = [r.id for r in store.records(status="ok")]
         data = store.vectors(ids)
         source = f"{len(data)} global descriptors"
-    store.set_whitening(learn_whitening(data, conf))
+    store.set_whitening(learn_whitening(data, wconf))
     logger.info("learned the whitening from %s", source)
     return True

@@ -86,8 +86,15 @@ class Searcher:
         extractor: Extractor | None = None,
     ) -> None:
         self.store = IndexStore.open(index_dir, writable=False)
+        settings = self.store.settings  # query defaults recorded when the index was made
+        if "query_rotations" in settings:
+            settings["query_rotations"] = tuple(settings["query_rotations"])
         self.conf = conf_from_descriptor(
-            self.store.manifest["descriptor"], runtime=runtime, device=device, workers=0
+            self.store.manifest["descriptor"],
+            runtime=runtime,
+            device=device,
+            workers=0,
+            **settings,
         )
         if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
             raise ConfigError(

@@ -25,6 +25,7 @@ from lookalike.evaluate.metrics import (
     precision_at_k,
     recall_at_k,
 )
+from lookalike.evaluate.run import evaluate_dataset
 
 __all__ = [
     "DATASETS",
@@ -33,6 +34,7 @@ __all__ = [
     "apply_exclusions",
     "average_precision",
     "average_precision_at_k",
+    "evaluate_dataset",
     "evaluate_rankings",
     "global_average_precision",
     "hit_ranks",

@@ -22,9 +22,12 @@ and the new one added, and every stored field, user metadata included, is replac
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +65,26 @@ _CREATION_LEFTOVERS = {
     DEFAULT_NAME,
     f"{MANIFEST_NAME}.tmp",
 }
+
+
+@dataclass(frozen=True)
+class LiveVectors:
+    """Every searchable vector of one committed state, in the index space (see
+    :meth:`IndexStore.live_vectors`).
+
+    Attributes:
+        seq: the newest op seq committed in this state (see :meth:`IndexStore.vector_version`).
+        epoch: the whitening epoch the vectors were transformed under.
+        ids: ``(n,)`` int64 image ids, ascending.
+        seqs: ``(n,)`` int64 ops seq of each image's last vector change (add or update).
+        vectors: ``(n, d)`` float32 index-space vectors, row ``i`` for ``ids[i]``.
+    """
+
+    seq: int
+    epoch: int
+    ids: np.ndarray
+    seqs: np.ndarray
+    vectors: np.ndarray
 
 
 class IndexStore(WriterMixin):
@@ -389,6 +412,85 @@ class IndexStore(WriterMixin):
             if k <= 0:
                 k = view.backend.n_live
             return view.backend.search(prepare(queries, view.whitening), int(k))
+
+    # -- the index space (what faiss holds), for re-ranking -----------------------------------
+
+    @property
+    def index_dim(self) -> int:
+        """Dimension ``d`` of the index space: the whitening's output, or ``D``."""
+        with self._mutex:
+            return self._current_view().backend.dim
+
+    def index_space(self, raw: np.ndarray) -> np.ndarray:
+        """Raw ``(n, D)`` descriptors into the index space exactly as :meth:`search` does:
+        whitened and L2-normalised ``(n, d)`` float32 (unchanged without a whitening)."""
+        raw = check_vectors(raw, self.dim, "queries")
+        with self._mutex:
+            return prepare(raw, self._current_view().whitening)
+
+    def index_vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of ``'ok'`` images in the index space, ``(n, d)`` float32.
+
+        Raises:
+            ValueError: an id is unknown or belongs to an ``'error'`` image.
+        """
+        with self._mutex:
+            return prepare(self.vectors(ids), self._current_view().whitening)
+
+    def search_index_space(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` with queries already in the index space, ``(n, d)`` float32
+        (e.g. from :meth:`index_space`, then expanded); same output contract."""
+        with self._mutex:
+            view = self._current_view()
+            queries = check_vectors(queries, view.backend.dim, "index-space queries")
+            if k <= 0:
+                k = view.backend.n_live
+            return view.backend.search(queries, int(k))
+
+    def vector_version(self) -> tuple[int, int]:
+        """``(seq, epoch)``: the newest op committed (any add, update or removal of a vector
+        raises it) and the whitening epoch of the searches. Derived state computed from the
+        vectors (DBA) is current exactly when it was computed at the same version."""
+        with self._mutex:
+            view = self._current_view()
+            return self._db.last_seq(), view.epoch
+
+    def live_vectors(self) -> LiveVectors:
+        """Every searchable vector in the index space, read from one committed state.
+
+        Ids, seqs and vectors come from one SQLite snapshot (a compaction replacing the
+        vector file meanwhile is retried), so they agree with each other and with ``seq``.
+        """
+        with self._mutex:
+            view = self._current_view()
+            for attempt in range(5):
+                try:
+                    with self._db.snapshot():
+                        seq = self._db.last_seq()
+                        ids, slots, seqs = self._db.live_with_seq()
+                        vectors, n_rows = self._loader.vector_file()
+                        raw = vectors.read(slots, n_rows)
+                    break
+                except FileNotFoundError:  # compacted under us: the new file is named now
+                    time.sleep(0.05 * (attempt + 1))
+            else:
+                raise IndexStateError(
+                    f"index {self.path} kept changing while it was being read; retry in a moment"
+                )
+            return LiveVectors(seq, view.epoch, ids, seqs, prepare(raw, view.whitening))
+
+    @property
+    def settings(self) -> dict:
+        """Index-level defaults that are not part of the descriptor (query rotations, ...)."""
+        with self._mutex:
+            return json.loads(self._db.kv_get("settings", "{}"))
+
+    def set_settings(self, settings: dict) -> None:
+        """Replace :attr:`settings` (JSON-serialisable); one committed transaction."""
+        self._require_writable()
+        text = json.dumps(settings, sort_keys=True)
+        with self._mutex, self._db.write():
+            self._db.kv_set("settings", text)
 
     def refresh(self) -> None:
         """Make the changes committed since opening (or the last refresh) searchable."""

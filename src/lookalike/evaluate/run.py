@@ -1,0 +1,141 @@
+"""Run a benchmark end to end: index its database, search every query, score the rankings.
+
+::
+
+    dataset = load_dataset("oxford5k", "data/oxford5k")
+    result = evaluate_dataset(dataset, Path("runs/ox-default"), get_preset("default"))
+    result["metrics"]["mAP"]
+
+The index directory is reused: files already indexed with the same settings are skipped,
+so a second run only pays for the queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.evaluate.datasets import RetrievalDataset, apply_exclusions
+from lookalike.evaluate.metrics import evaluate_rankings
+from lookalike.extract import ExtractConf, Extractor
+from lookalike.index import IndexConf
+from lookalike.indexing import index_files
+from lookalike.search import Searcher
+
+logger = logging.getLogger(__name__)
+
+StageProgress = Callable[[str, int, int], None]  # (stage "index" | "search", done, total)
+
+
+def evaluate_dataset(
+    dataset: RetrievalDataset,
+    index_dir: Path,
+    conf: ExtractConf,
+    index_conf: IndexConf = IndexConf(),
+    k: int = 0,
+    progress: StageProgress | None = None,
+    *,
+    extractor: Extractor | None = None,
+    chunk: int = 32,
+) -> dict:
+    """Index ``dataset.images`` into ``index_dir``, run its queries and score them.
+
+    Each query is described from its image cropped to its box (Oxford/Paris) with the
+    preset's query rotations; the result ids are mapped back to positions in
+    ``dataset.images`` through the stored paths, ``query.exclude`` is dropped and the
+    metrics remove ``query.junk``.
+
+    Args:
+        dataset: the benchmark (see :func:`lookalike.evaluate.load_dataset`).
+        index_dir: index directory; created, or reused when built with the same settings
+            (other settings are refused with an ``IndexStateError``).
+        conf: descriptor settings.
+        index_conf: faiss structure of a new index.
+        k: ranking depth searched per query; ``<= 0`` ranks the whole index.
+        progress: called with ``("index", files done, files to do)`` after each committed
+            chunk and ``("search", queries done, queries)`` after each query.
+        extractor: a ready extractor for ``conf`` (saves loading the model again).
+        chunk: files per atomic commit while indexing.
+
+    Returns:
+        ``{"dataset", "descriptor", "query_rotations", "index", "images", "failed",
+        "metrics", "index_seconds", "images_per_second", "query_ms", "queries"}``:
+        ``metrics`` is :func:`~lookalike.evaluate.evaluate_rankings`'s table (percent),
+        ``index_seconds`` / ``images_per_second`` cover the files indexed by this call (0 when
+        all were reused), ``query_ms`` is the mean wall time per query (None without
+        queries).
+    """
+    extractor = extractor or Extractor(conf)
+
+    def index_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress("index", done, total)
+
+    report = index_files(
+        dataset.images,
+        index_dir,
+        conf,
+        index_conf,
+        extractor=extractor,
+        progress=index_progress,
+        chunk=chunk,
+    )
+    if report.failed:
+        logger.warning(
+            "%d of %d dataset images could not be read, e.g. %s",
+            len(report.failed),
+            len(dataset.images),
+            report.failed[0][1],
+        )
+
+    rankings: list[np.ndarray] = []
+    elapsed = 0.0
+    with Searcher(index_dir, conf.runtime, conf.device, extractor=extractor) as searcher:
+        # index id -> position in dataset.images; -1 for files of the index not in the dataset
+        position = {str(Path(p).expanduser().resolve()): i for i, p in enumerate(dataset.images)}
+        records = list(searcher.store.records(status="ok"))
+        to_position = np.full(max((r.id for r in records), default=0) + 1, -1, dtype=np.int64)
+        for record in records:
+            to_position[record.id] = position.get(record.path, -1)
+        if progress is not None:
+            progress("search", 0, len(dataset.queries))
+        for done, query in enumerate(dataset.queries, 1):
+            start = time.perf_counter()
+            # The manifest does not keep query-time settings: pass the preset's rotations.
+            _, ids = searcher.search_files(
+                [query.image], k=k, boxes=[query.box], rotations=conf.query_rotations
+            )
+            elapsed += time.perf_counter() - start
+            row = ids[0][ids[0] >= 0]
+            ranking = to_position[row]
+            rankings.append(apply_exclusions(ranking[ranking >= 0], query))
+            if progress is not None:
+                progress("search", done, len(dataset.queries))
+
+    metrics = evaluate_rankings(
+        rankings, [q.positives for q in dataset.queries], [q.junk for q in dataset.queries]
+    )
+    n_queries = len(dataset.queries)
+    return {
+        "dataset": dataset.name,
+        "descriptor": conf.descriptor(),
+        "query_rotations": list(conf.query_rotations),
+        "index": index_conf.to_dict(),
+        "images": len(dataset.images),
+        "failed": len(report.failed),
+        "metrics": {key: _finite_or_none(value) for key, value in metrics.items()},
+        "index_seconds": round(report.seconds, 3),
+        "images_per_second": round(report.images_per_second, 2),
+        "query_ms": round(1000.0 * elapsed / n_queries, 2) if n_queries else None,
+        "queries": n_queries,
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    """``nan`` (no query with positives) as None, so the result is valid JSON."""
+    return None if isinstance(value, float) and math.isnan(value) else value

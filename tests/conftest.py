@@ -1,0 +1,108 @@
+"""Fixtures shared by every test module: one ONNX cache per session, test images, a model.
+
+* ``lookalike_cache`` (session, autouse): a temporary ``$LOOKALIKE_CACHE``, so the ONNX
+  graph is exported once per session, by the first test that needs it; subprocesses
+  inherit the variable.
+* ``make_images`` / :func:`write_images`: folders of small, distinct photos (crops of
+  scikit-image's bundled pictures: real texture, so descriptors of different images differ
+  as they would for real photos, unlike flat synthetic shapes).
+* ``default_extractor`` (session): an :class:`Extractor` for the ``default`` preset.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+# Bundled with scikit-image (no download): unrelated, textured scenes, six in colour.
+PHOTOS = (
+    "chelsea",
+    "astronaut",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "camera",
+    "coins",
+)
+
+
+@functools.cache
+def photo(name: str, side: int = 128) -> Image.Image:
+    """A scikit-image sample photo as RGB, resized so its long side is ``side`` pixels."""
+    from skimage import data
+
+    img = Image.fromarray(getattr(data, name)()).convert("RGB")
+    scale = side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def distinct_image(i: int, side: int = 64) -> Image.Image:
+    """Image number ``i``: a ``side`` x ``side`` crop of one photo, different for every ``i``.
+
+    The first ``len(PHOTOS)`` are whole different photos; later ones are other crops and
+    flips of them.
+    """
+    base = photo(PHOTOS[i % len(PHOTOS)], 3 * side if i >= len(PHOTOS) else side)
+    if i < len(PHOTOS):
+        return base.resize((side, side), Image.Resampling.LANCZOS)
+    rng = np.random.default_rng(i)
+    x = int(rng.integers(0, base.width - side + 1))
+    y = int(rng.integers(0, base.height - side + 1))
+    crop = base.crop((x, y, x + side, y + side))
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if (i // len(PHOTOS)) % 2 else crop
+
+
+def near_duplicate(img: Image.Image, k: int) -> Image.Image:
+    """Variant ``k`` >= 1 of ``img``: brighter, cropped by ``2k`` px, JPEG-compressed."""
+    out = ImageEnhance.Brightness(img).enhance(1.0 + 0.05 * k)
+    m = 2 * k
+    out = out.crop((m, m, img.width - m, img.height - m))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=85)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def write_images(folder: Path, n: int, side: int = 64, suffix: str = ".png") -> list[Path]:
+    """Write ``n`` distinct images ``img000.png``... into ``folder``; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:03d}{suffix}"
+        distinct_image(i, side).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lookalike_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session cache dir for exported ONNX graphs, also set as ``$LOOKALIKE_CACHE``."""
+    path = tmp_path_factory.mktemp("lookalike-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOKALIKE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture
+def make_images(tmp_path: Path) -> Callable[..., list[Path]]:
+    """``make_images(n, side=64, name="images", suffix=".png")``: distinct images in tmp_path."""
+
+    def make(n: int, side: int = 64, name: str = "images", suffix: str = ".png") -> list[Path]:
+        return write_images(tmp_path / name, n, side, suffix)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_extractor(lookalike_cache: Path):
+    """An Extractor for the ``default`` preset (decoding in-process), loaded once. Read-only."""
+    from lookalike.extract import Extractor, get_preset
+
+    return Extractor(get_preset("default").replace(workers=0), cache_dir=lookalike_cache)

@@ -1,0 +1,80 @@
+"""Searcher: query defaults recorded in the index, rotation fusion, joins to records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_images
+
+from lookalike.errors import ConfigError
+from lookalike.extract import get_preset
+from lookalike.indexing import index_folder
+from lookalike.search import Searcher, hit_to_dict
+
+
+@pytest.fixture(scope="module")
+def upright_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    folder = root / "images"
+    paths = write_images(folder, 6, side=96)
+    conf = get_preset("upright").replace(workers=0)
+    index_folder(folder, root / "index", conf)
+    return root / "index", paths
+
+
+def test_index_records_its_query_defaults(upright_index):
+    index, _ = upright_index
+    with Searcher(index) as s:
+        assert s.conf.query_rotations == (0,)
+        assert s.store.settings["query_rotations"] == [0]
+
+
+def test_search_files_finds_itself_and_joins_records(upright_index):
+    index, paths = upright_index
+    with Searcher(index) as s:
+        scores, ids = s.search_files(paths[:2], k=3)
+        assert scores.shape == ids.shape == (2, 3)
+        assert scores.dtype == np.float32 and ids.dtype == np.int64
+        hits = s.results(scores, ids)
+        assert [h[0].path for h in hits] == [str(p.resolve()) for p in paths[:2]]
+        assert hits[0][0].score > 0.99 and hits[0][0].rank == 1
+        assert np.all(np.diff(scores, axis=1) <= 0)
+        assert set(hit_to_dict(hits[0][0])) == {"rank", "id", "path", "score"}
+        # k = 0: the whole index, every id once
+        _, all_ids = s.search_files(paths[:1], k=0)
+        assert sorted(all_ids[0].tolist()) == sorted(r.id for r in s.store.records())
+
+
+def test_rotated_query_found_only_with_rotations(upright_index, tmp_path):
+    from PIL import Image
+
+    index, paths = upright_index
+    rotated = tmp_path / "rot.png"
+    Image.open(paths[3]).rotate(90, expand=True).save(rotated)
+    with Searcher(index) as s:
+        target = s.store.find_path(str(paths[3].resolve())).id
+        scores, ids = s.search_files([rotated], k=1, rotations=(0, 90, 270))
+        assert ids[0, 0] == target
+        # the match came from a rotated view: its score carries the rotation penalty
+        assert scores[0, 0] == pytest.approx(1.0 - s.conf.rotation_penalty, abs=0.01)
+
+
+def test_search_vectors_checks_shape(upright_index):
+    index, _ = upright_index
+    with Searcher(index) as s:
+        with pytest.raises(ConfigError):
+            s.search_vectors(np.zeros((1, 7), np.float32))
+        scores, ids = s.search_ids([1], k=2)
+        assert ids[0, 0] == 1 and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_mismatched_extractor_refused(upright_index):
+    index, _ = upright_index
+    # the fast preset pools and sizes differently from the index's descriptor
+    with pytest.raises(ConfigError, match="differ"):
+        Searcher(index, extractor=_FakeExtractor(get_preset("fast")))
+
+
+class _FakeExtractor:
+    def __init__(self, conf):
+        self.conf = conf
