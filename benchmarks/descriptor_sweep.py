@@ -29,6 +29,7 @@ WHITENINGS = {
     "global full": ("global", WhiteningConf()),
     "global 256-d": ("global", WhiteningConf(dim=256)),
     "regional shrink.3 pow.2": ("regions", WhiteningConf(shrinkage=0.3, power=0.2)),
+    "regional shrink.3 pow.2 256-d": ("regions", WhiteningConf(dim=256, shrinkage=0.3, power=0.2)),
 }
 
 

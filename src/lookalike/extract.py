@@ -45,7 +45,7 @@ class ExtractConf:
     gem_p: float = 3.0  # GeM exponent (pooling="gem" only)
     rmac_levels: int = 3  # R-MAC region scales (pooling="rmac" only)
     whitening: WhiteningConf | None = field(
-        default_factory=lambda: WhiteningConf(shrinkage=0.3, power=0.2)
+        default_factory=lambda: WhiteningConf(dim=256, shrinkage=0.3, power=0.2)
     )  # learned from the collection's regional descriptors; None switches it off
     query_rotations: tuple[int, ...] = (0, 90, 270)  # query angles (deg) searched; (0,) is off
     rotation_penalty: float = 0.05  # subtracted from scores of rotated query views; 0 is off
