@@ -16,9 +16,12 @@ import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import index_helpers
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
+
+from lookalike.index import IndexStore
 
 # Bundled with scikit-image (no download): unrelated, textured scenes, six in colour.
 PHOTOS = (
@@ -106,3 +109,21 @@ def default_extractor(lookalike_cache: Path):
     from lookalike.extract import Extractor, get_preset
 
     return Extractor(get_preset("default").replace(workers=0), cache_dir=lookalike_cache)
+
+
+# -- index store fixtures (tests/test_index_*.py) -----------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "index"
+
+
+@pytest.fixture
+def filled(root: Path) -> tuple[Path, np.ndarray, list[int]]:
+    """An index of 200 images, checkpointed, closed."""
+    x = index_helpers.unit(200)
+    with IndexStore.create(root, index_helpers.DESCRIPTOR, index_helpers.D) as store:
+        ids = store.add(index_helpers.images(200), x)
+        store.checkpoint()
+    return root, x, ids
