@@ -108,6 +108,9 @@ def _can_remove(index: faiss.Index) -> bool:
     return True
 
 
+BLAS_MAX_QUERIES = 16  # flat searches of up to this many queries use _search_flat_blas
+
+
 class Backend:
     """A faiss index under image ids plus the tombstones of structures that cannot remove.
 
@@ -124,6 +127,10 @@ class Backend:
         self.removable = _can_remove(index)
         wrapped = isinstance(index, faiss.IndexIDMap2)
         self._inner = faiss.downcast_index(index.index) if wrapped else None
+        self._exact_ip = (
+            isinstance(self._inner, faiss.IndexFlat)
+            and self._inner.metric_type == faiss.METRIC_INNER_PRODUCT
+        )
         self._labels = np.empty(0, dtype=np.int64)  # faiss position -> image id
         self._dead = np.zeros(0, dtype=bool)  # faiss position -> tombstoned
         self._live_pos: dict[int, int] = {}  # image id -> its live faiss position
@@ -299,6 +306,27 @@ class Backend:
 
     # -- search ----------------------------------------------------------------------------
 
+    def _search_flat_blas(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of a few queries with one multi-threaded BLAS product.
+
+        faiss's flat search parallelises over queries, so a single query runs on one core;
+        numpy's matrix product over the same (zero-copy) vectors uses them all and measured
+        about 2x faster for one query over 100k vectors (benchmarks/retrieval.py).
+        """
+        inner = self._inner
+        xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(
+            inner.ntotal, inner.d
+        )
+        labels = faiss.vector_to_array(self.index.id_map)
+        sims = x @ xb.T  # (n, ntotal)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < inner.ntotal else None
+        if top is None:
+            top = np.broadcast_to(np.arange(inner.ntotal), sims.shape)
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        return np.take_along_axis(top_sims, order, axis=1), labels[top].astype(np.int64)
+
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` by inner product of ``(n, d)`` queries.
 
@@ -312,7 +340,10 @@ class Backend:
         if n == 0 or k <= 0 or self.n_live == 0:
             return scores, ids
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.removable:
+        if self.removable and n <= BLAS_MAX_QUERIES and self._exact_ip:
+            got = min(k, self.ntotal)
+            found_scores, found_ids = self._search_flat_blas(x, got)
+        elif self.removable:
             got = min(k, self.ntotal)
             found_scores, found_ids = self.index.search(x, got)
         else:
