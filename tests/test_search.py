@@ -78,3 +78,16 @@ def test_mismatched_extractor_refused(upright_index):
 class _FakeExtractor:
     def __init__(self, conf):
         self.conf = conf
+
+
+def test_reindexing_a_changed_file_keeps_its_metadata(tmp_path):
+    folder = tmp_path / "images"
+    paths = write_images(folder, 3, side=64)
+    conf = get_preset("fast").replace(workers=0)
+    index_folder(folder, tmp_path / "index", conf, metadata=lambda p: {"label": p.stem})
+    write_images(folder, 1, side=80)  # rewrites the first file with other content
+    report = index_folder(folder, tmp_path / "index", conf)  # no metadata source this time
+    assert report.updated == 1
+    with Searcher(tmp_path / "index") as s:
+        rec = s.store.find_path(str(paths[0].resolve()))
+        assert rec.metadata == {"label": paths[0].stem}

@@ -18,8 +18,8 @@ import numpy as np
 
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import ExtractConf, Extractor
-from lookalike.images import IMAGE_EXTENSIONS, list_images
-from lookalike.index import IndexConf, IndexStore, NewImage
+from lookalike.images import IMAGE_EXTENSIONS, Decoded, list_images
+from lookalike.index import ImageRecord, IndexConf, IndexStore, NewImage
 from lookalike.index.manifest import MANIFEST_NAME
 from lookalike.whitening import learn_whitening
 
@@ -212,7 +212,7 @@ def _sync(
                     mtime=d.mtime,
                     width=d.width,
                     height=d.height,
-                    metadata=metadata(Path(d.path)) if metadata and d.error is None else {},
+                    metadata=_metadata_for(d, metadata, known.get(d.path)),
                     error=d.error,
                 )
             )
@@ -238,6 +238,15 @@ def _sync(
     if not report.whitening_learned:
         store.checkpoint()
     return report
+
+
+def _metadata_for(
+    decoded: Decoded, metadata: Callable[[Path], dict] | None, known: ImageRecord | None
+) -> dict:
+    """The user metadata to store: from the source when given, else what the file had."""
+    if metadata is not None and decoded.error is None:
+        return metadata(Path(decoded.path))
+    return dict(known.metadata) if known is not None else {}
 
 
 def _is_under(path: str, root: Path) -> bool:

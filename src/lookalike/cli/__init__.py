@@ -1,0 +1,172 @@
+"""The ``lookalike`` command: index, search, recognize, remove, info, eval, presets.
+
+Thin by design: each command parses its options, calls one stage (``indexing``, ``search``,
+``recognize``, ``index``, ``evaluate``) and formats the result. The parser and :func:`main`
+live here; the commands live by topic in :mod:`~lookalike.cli.index_commands`,
+:mod:`~lookalike.cli.query_commands` and :mod:`~lookalike.cli.eval_commands`, the shared
+options in :mod:`~lookalike.cli.options`, and logging handlers and progress bars in
+:mod:`~lookalike.cli.ui` and nowhere else. torch and onnxruntime are imported inside the
+commands, so ``lookalike --help`` is quick and spawned decoder processes, which re-import
+this package, stay light.
+
+Errors a user can cause (:class:`~lookalike.errors.LookalikeError`) print ``error: ...`` on
+one line and exit with the error's ``exit_code``; Ctrl-C exits 130; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from lookalike.cli.eval_commands import DATASET_KINDS, cmd_eval, cmd_presets
+from lookalike.cli.index_commands import cmd_index, cmd_info, cmd_remove
+from lookalike.cli.options import (
+    DEVICES,
+    add_descriptor_options,
+    int_at_least,
+    parse_box,
+    parse_rotations,
+)
+from lookalike.cli.query_commands import (
+    CONFIDENCE_CHOICES,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_K,
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_P,
+    cmd_recognize,
+    cmd_search,
+)
+from lookalike.cli.ui import Ui, configure_logging, print_error, silence_stdout, stderr_console
+from lookalike.errors import LookalikeError
+
+__all__ = ["build_parser", "main", "parse_box", "parse_rotations"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lookalike`` command."""
+    from lookalike import __version__
+
+    # Global flags work before and after the command: the sub-parsers' copies only set a
+    # value when given (SUPPRESS), so they never overwrite the main parser's.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+
+    parser = argparse.ArgumentParser(
+        prog="lookalike", description="Image instance retrieval: index a folder, find lookalikes."
+    )
+    parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", parents=[common], help="create or update an index from a folder")
+    p.add_argument("dir", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--index", type=Path, required=True, help="index directory")
+    p.add_argument(
+        "--remove-missing", action="store_true", help="drop indexed files no longer on disk"
+    )
+    p.add_argument(
+        "--label-from",
+        metavar="folder|LABELS.csv",
+        help="label the images for `recognize`: by their first sub-folder of DIR ('folder'; "
+        "images directly in DIR stay unlabelled), or from a CSV with header 'path,label' "
+        "(paths relative to DIR); already indexed images are relabelled in place",
+    )
+    add_descriptor_options(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", parents=[common], help="find the indexed images most alike")
+    p.add_argument("--index", type=Path, required=True, help="index directory")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="query image files")
+    p.add_argument("-k", type=int_at_least(0), default=10, help="results per query, 0: all")
+    p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
+    p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="indexed ids")
+    p.add_argument("--rotations", help="query angles searched, e.g. 0,90,270 (default: preset)")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per query")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "recognize", parents=[common], help="label images by a vote of their labelled lookalikes"
+    )
+    p.add_argument("--index", type=Path, required=True, help="labelled index directory")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="query image files")
+    p.add_argument(
+        "-k", type=int_at_least(1), default=DEFAULT_K, help="neighbours that vote (%(default)s)"
+    )
+    p.add_argument(
+        "--p",
+        type=float,
+        default=DEFAULT_P,
+        help="vote exponent: a neighbour votes similarity ** p for its label (%(default)s)",
+    )
+    p.add_argument(
+        "--confidence",
+        choices=CONFIDENCE_CHOICES,
+        default=DEFAULT_CONFIDENCE,
+        help="how sure a label is (%(default)s; see lookalike.recognize.CONFIDENCE)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=DEFAULT_MIN_CONFIDENCE,
+        metavar="X",
+        help="abstain (label '-', null in JSON) below this confidence (%(default)s)",
+    )
+    p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per image")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(func=cmd_recognize)
+
+    p = sub.add_parser("remove", parents=[common], help="remove images by id or path")
+    p.add_argument("--index", type=Path, required=True, help="index directory")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="indexed image paths")
+    p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="image ids")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("info", parents=[common], help="describe an index")
+    p.add_argument("--index", type=Path, required=True, help="index directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", parents=[common], help="measure retrieval on a benchmark")
+    p.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="benchmark layout")
+    p.add_argument("--root", type=Path, required=True, help="dataset folder")
+    p.add_argument("--index", type=Path, help="index directory to build or reuse (default: temp)")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="write the results here")
+    add_descriptor_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", parents=[common], help="list extract and index presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, usage errors (2)
+        return stop.code if isinstance(stop.code, int) else 1
+    console = stderr_console()
+    restore = configure_logging(args.verbose, console)
+    try:
+        return args.func(args, Ui(console, enabled=not args.quiet))
+    except LookalikeError as error:
+        print_error(str(error))
+        return error.exit_code
+    except KeyboardInterrupt:
+        print_error("interrupted (what an index had committed is kept; rerun to resume)")
+        return 130
+    except BrokenPipeError:  # `lookalike search ... | head`
+        silence_stdout()
+        return 1
+    except OSError as error:  # unreadable dataset file, unwritable --json target, ...
+        print_error(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+        return 1
+    finally:
+        restore()

@@ -1,0 +1,95 @@
+"""``lookalike eval`` and ``presets``: measure retrieval on a benchmark, list the presets.
+
+``eval`` builds (or reuses) an index of a dataset with the same descriptor options as
+``index`` and prints the metrics of :func:`lookalike.evaluate.evaluate_dataset`; ``presets``
+shows the named settings those options choose from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lookalike.cli.options import extract_conf, index_conf, manifest_of
+from lookalike.cli.ui import Ui, stdout_console
+
+DATASET_KINDS = ("oxford5k", "holidays", "paris6k", "folder")  # keys of evaluate.DATASETS
+TIMINGS = ("images", "failed", "queries", "index_seconds", "images_per_second", "query_ms")
+
+
+def cmd_eval(args: argparse.Namespace, ui: Ui) -> int:
+    import tempfile
+
+    from lookalike.evaluate import evaluate_dataset, load_dataset
+
+    dataset = load_dataset(args.dataset, args.root)
+    manifest = manifest_of(args.index)
+    name, conf = extract_conf(args, manifest)
+    ic = index_conf(args, manifest)
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
+        index_dir = args.index if args.index is not None else Path(tmp) / "index"
+        with ui.bars() as bars:
+            callbacks = {
+                "index": bars.callback("indexing", "img"),
+                "search": bars.callback("queries", "query"),
+            }
+            result = evaluate_dataset(
+                dataset,
+                index_dir,
+                conf,
+                ic,
+                progress=lambda stage, done, total: callbacks[stage](done, total),
+                chunk=args.chunk,
+            )
+    result = {"dataset": result.pop("dataset"), "preset": name, **result}
+    from rich.table import Table
+
+    table = Table(title=f"{args.dataset} {result['dataset']}, preset {name}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, "n/a" if value is None else str(value))
+    table.add_section()
+    for key in TIMINGS:
+        table.add_row(key, str(result[key]))
+    stdout_console().print(table)
+    if args.json is not None:
+        args.json.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        args.json.expanduser().write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def show(value: object) -> str:
+    """A setting in a table cell: ``1, 2`` for sequences, ``a=1 b=2`` for dicts."""
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def cmd_presets(args: argparse.Namespace, ui: Ui) -> int:
+    from rich.table import Table
+
+    from lookalike.extract import EXTRACT_PRESETS
+    from lookalike.index import INDEX_PRESETS
+
+    extract = Table(title="extract presets (--preset)", title_justify="left")
+    for column in ("name", "model", "image size", "scales", "pooling", "whitening", "rotations"):
+        extract.add_column(column)
+    for name, c in EXTRACT_PRESETS.items():
+        white = "off" if c.whitening is None else show(vars(c.whitening))
+        pooling = f"gem p={c.gem_p}" if c.pooling == "gem" else c.pooling
+        row = (c.model, c.image_size, c.scales, pooling, white, c.query_rotations)
+        extract.add_row(name, *map(show, row))
+    index = Table(title="index presets (--index-preset)", title_justify="left")
+    for column in ("name", "factory", "nprobe", "ef_search"):
+        index.add_column(column)
+    for name, ic in INDEX_PRESETS.items():
+        index.add_row(name, ic.factory, str(ic.nprobe), str(ic.ef_search))
+    console = stdout_console()
+    console.print(extract)
+    console.print(index)
+    return 0

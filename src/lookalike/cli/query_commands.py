@@ -1,0 +1,166 @@
+"""``lookalike search`` and ``recognize``: query an index with image files.
+
+``search`` lists the most alike indexed images; ``recognize`` soft-votes over them for a
+label (:mod:`lookalike.recognize`), abstaining when the confidence is below a threshold.
+Both print a table, or JSON Lines with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lookalike.cli.options import parse_box, parse_rotations
+from lookalike.cli.ui import Ui, print_warning, stdout_console
+from lookalike.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lookalike.index import IndexStore
+    from lookalike.recognize import Prediction
+    from lookalike.search import Hit
+
+# Recognition defaults, spelled out here so that `lookalike --help` imports no torch; the
+# tests check them against lookalike.recognize.
+CONFIDENCE_CHOICES = ("vote", "share", "margin", "top1", "distractor")  # CONFIDENCE keys,
+#   less "inliers" (needs geometric verification, which the command line does not run)
+DEFAULT_CONFIDENCE = "vote"  # recognize.DEFAULT_CONFIDENCE
+DEFAULT_K = 10  # recognize.DEFAULT_K
+DEFAULT_P = 8.0  # recognize.DEFAULT_P
+DEFAULT_MIN_CONFIDENCE = 0.0  # Recognizer(min_confidence=...)
+NEIGHBOURS_SHOWN = 3  # neighbours listed per image in the `recognize` table
+
+
+def hit_json(hit: Hit) -> dict:
+    """A hit as printed by ``--json``: scores rounded to 6 decimals (float32 precision)."""
+    from lookalike.search import hit_to_dict
+
+    return {**hit_to_dict(hit), "score": round(hit.score, 6)}
+
+
+def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
+    from lookalike.search import Searcher
+
+    if not args.images and not args.ids:
+        raise ConfigError("nothing to search: give query IMAGE files and/or --id IDS")
+    box = parse_box(args.box) if args.box else None
+    rotations = parse_rotations(args.rotations) if args.rotations else None
+    answers: list[tuple[str, list[Hit]]] = []
+    with Searcher(args.index, device=args.device) as searcher:
+        records = searcher.store.get(args.ids)
+        for image_id, record in zip(args.ids, records, strict=True):
+            if record is None:
+                raise ConfigError(f"no image with id {image_id} in index {args.index}")
+            if record.status != "ok":
+                raise ConfigError(
+                    f"image id {image_id} ({record.path}) failed to index, so it has no "
+                    f"descriptor to search with: {record.error}"
+                )
+        with ui.bars() as bars:
+            update = bars.callback("searching", "query") if len(args.images) > 1 else None
+            for done, path in enumerate(args.images, 1):
+                scores, ids = searcher.search_files([path], args.k, [box], rotations)
+                answers.append((str(path), searcher.results(scores, ids)[0]))
+                if update:
+                    update(done, len(args.images))
+        if args.ids:
+            scores, ids = searcher.search_ids(args.ids, args.k)
+            hits = searcher.results(scores, ids)
+            answers.extend((r.path, h) for r, h in zip(records, hits, strict=True))
+    if args.json:
+        for query, hits in answers:
+            results = [hit_json(h) for h in hits]
+            print(json.dumps({"query": query, "results": results}, ensure_ascii=False))
+        return 0
+    from rich.table import Table
+
+    console = stdout_console()
+    for query, hits in answers:
+        table = Table(title=f"{query}: {len(hits)} results", title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("id", justify="right")
+        table.add_column("path", overflow="fold")
+        for hit in hits:
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.path)
+        console.print(table)
+    return 0
+
+
+def has_labels(store: IndexStore) -> bool:
+    """Whether some image of the index carries a label (stops at the first one)."""
+    from lookalike.labels import label_of
+
+    return any(label_of(r.metadata) is not None for r in store.records("ok"))
+
+
+def prediction_json(image: str, prediction: Prediction) -> dict:
+    """One ``--json`` line of ``recognize``."""
+    return {
+        "image": image,
+        "label": prediction.label,
+        "confidence": prediction.confidence,
+        "votes": [[label, vote] for label, vote in prediction.votes],
+        "neighbours": [hit_json(h) for h in prediction.neighbours],
+    }
+
+
+def cmd_recognize(args: argparse.Namespace, ui: Ui) -> int:
+    from lookalike.recognize import Recognizer
+    from lookalike.search import Searcher
+
+    box = parse_box(args.box) if args.box else None
+    answers: list[tuple[str, Prediction]] = []
+    with Searcher(args.index, device=args.device) as searcher:
+        recognizer = Recognizer(
+            searcher,
+            k=args.k,
+            p=args.p,
+            confidence=args.confidence,
+            min_confidence=args.min_confidence,
+        )
+        if not has_labels(searcher.store):
+            print_warning(
+                f"index {args.index} has no labelled image, so every image is left "
+                "unrecognised; label it with `lookalike index DIR --index ... --label-from "
+                "folder|LABELS.csv`"
+            )
+        with ui.bars() as bars:
+            update = bars.callback("recognizing", "query") if len(args.images) > 1 else None
+            for done, path in enumerate(args.images, 1):
+                (prediction,) = recognizer.predict_files([path], [box])
+                answers.append((str(path), prediction))
+                if update:
+                    update(done, len(args.images))
+    if args.json:
+        for image, prediction in answers:
+            print(json.dumps(prediction_json(image, prediction), ensure_ascii=False))
+        return 0
+    print_predictions(answers, args.confidence)
+    return 0
+
+
+def short_path(path: str) -> str:
+    """``folder/file``: enough to tell neighbours apart in a table cell."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def print_predictions(answers: list[tuple[str, Prediction]], method: str) -> None:
+    """The human form of ``recognize``: one table row per image."""
+    from rich.table import Table
+
+    from lookalike.labels import label_of
+
+    table = Table(title=f"recognition (confidence: {method})", title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("label", overflow="fold")
+    table.add_column("confidence", justify="right")
+    table.add_column(f"top {NEIGHBOURS_SHOWN} neighbours: label score file", overflow="fold")
+    for image, p in answers:
+        neighbours = "\n".join(
+            f"{label_of(h.metadata) or '-'} {h.score:.4f} {short_path(h.path)}"
+            for h in p.neighbours[:NEIGHBOURS_SHOWN]
+        )
+        table.add_row(image, p.label or "-", f"{p.confidence:.4f}", neighbours)
+    stdout_console().print(table)
