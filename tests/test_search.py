@@ -91,3 +91,21 @@ def test_reindexing_a_changed_file_keeps_its_metadata(tmp_path):
     with Searcher(tmp_path / "index") as s:
         rec = s.store.find_path(str(paths[0].resolve()))
         assert rec.metadata == {"label": paths[0].stem}
+
+
+@pytest.mark.parametrize("stages", [["aqe"], ["alpha-qe"], ["dba"], ["dba", "alpha-qe"]])
+def test_rerank_stages_keep_the_contract(upright_index, stages):
+    index, paths = upright_index
+    with Searcher(index) as s:
+        scores, ids = s.search_files(paths[:1], k=4, rerank=stages)
+        assert scores.shape == ids.shape == (1, 4)
+        assert ids[0, 0] == s.store.find_path(str(paths[0].resolve())).id
+        assert len(set(ids[0].tolist())) == 4 and np.all(np.diff(scores[0]) <= 1e-6)
+        _, id_ids = s.search_ids([int(ids[0, 0])], k=4, rerank=stages)
+        assert id_ids[0, 0] == ids[0, 0]
+
+
+def test_unknown_rerank_stage_is_refused(upright_index):
+    index, paths = upright_index
+    with Searcher(index) as s, pytest.raises(ConfigError, match="alpha-qe"):
+        s.search_files(paths[:1], k=2, rerank=["nope"])

@@ -22,6 +22,7 @@ from lookalike.whitening import WhiteningConf
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
+RERANK_DEPTH = 100  # first-stage results handed to the re-ranking stages
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,17 @@ class Searcher:
             )
         return self.store.search(vectors, k)
 
-    def search_ids(self, ids: Sequence[int], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search_ids(
+        self, ids: Sequence[int], k: int = 10, rerank: Sequence[str] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Use indexed images as queries (each finds itself first)."""
-        return self.search_vectors(self.store.vectors(list(ids)), k)
+        vectors = self.store.vectors(list(ids))
+        stages = self._stages(rerank)
+        k_all = len(self.store) if k <= 0 else k
+        out = [self._rank(v[None], k_all, np.zeros((1, 1), np.float32), stages) for v in vectors]
+        if not out:
+            return np.zeros((0, k_all), np.float32), np.zeros((0, k_all), np.int64)
+        return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
 
     def search_files(
         self,
@@ -140,16 +149,20 @@ class Searcher:
         k: int = 10,
         boxes: Sequence[Box | None] | None = None,
         rotations: Sequence[int] | None = None,
+        rerank: Sequence[str] = (),
     ) -> tuple[np.ndarray, np.ndarray]:
         """Describe query images (cropped to ``boxes``) and search.
 
         Several ``rotations`` (degrees; default: the preset's ``query_rotations``, upright
         first) search each view and keep every result's best score, the rotated views'
-        scores lowered by ``rotation_penalty``.
+        scores lowered by ``rotation_penalty``. ``rerank`` names re-ranking stages
+        (:data:`lookalike.rerank.RERANKERS`, in order) applied to the top
+        ``RERANK_DEPTH`` first-stage results.
         """
         boxes = list(boxes) if boxes is not None else [None] * len(paths)
         if len(boxes) != len(paths):
             raise ConfigError(f"{len(paths)} query images but {len(boxes)} boxes")
+        stages = self._stages(rerank)
         k_all = len(self.store) if k <= 0 else k
         out_s = np.full((len(paths), max(k_all, 0)), -np.inf, np.float32)
         out_i = np.full((len(paths), max(k_all, 0)), -1, np.int64)
@@ -158,14 +171,35 @@ class Searcher:
         penalty = penalty.astype(np.float32)[:, None]
         for row, (path, box) in enumerate(zip(paths, boxes, strict=True)):
             views = self.extractor.extract_query(path, box, rots)
-            scores, ids = self.store.search(views, k_all)
-            # a rotated view must beat the upright one by a margin: upright photos are the norm
-            scores -= penalty
-            if len(views) == 1:
-                out_s[row], out_i[row] = scores[0], ids[0]
-            else:
-                out_s[row], out_i[row] = fuse_max(scores, ids, k_all)
+            out_s[row], out_i[row] = self._rank(views, k_all, penalty, stages)
         return out_s, out_i
+
+    def _rank(
+        self, views: np.ndarray, k: int, penalty: np.ndarray, stages: list
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One query's ``(k,)`` ranking from its raw ``(v, D)`` views (upright first)."""
+        depth = max(k, RERANK_DEPTH) if stages else k
+        scores, ids = self.store.search(views, depth)
+        # a rotated view must beat the upright one by a margin: upright photos are the norm
+        scores -= penalty
+        if len(views) > 1:
+            scores, ids = fuse_max(scores, ids, depth)
+        else:
+            scores, ids = scores[0], ids[0]
+        if stages:
+            from lookalike.rerank import run_pipeline
+
+            query = self.store.index_space(views[:1])[0]
+            scores, ids = run_pipeline(stages, self.store, query, scores, ids, k)
+        return scores[:k], ids[:k]
+
+    def _stages(self, names: Sequence[str]) -> list:
+        """The descriptor-space re-ranking stages for ``names`` (none: no re-ranking)."""
+        if not names:
+            return []
+        from lookalike.rerank import descriptor_pipeline
+
+        return descriptor_pipeline(list(names))
 
     def results(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Join ``(n, k)`` search output to paths and metadata (``-1`` entries dropped)."""

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
     p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="indexed ids")
     p.add_argument("--rotations", help="query angles searched, e.g. 0,90,270 (default: preset)")
+    p.add_argument(
+        "--rerank",
+        default="",
+        help="re-ranking stages in order, e.g. alpha-qe or dba,alpha-qe (aqe, alpha-qe, dba)",
+    )
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per query")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_search)

@@ -46,6 +46,7 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
         raise ConfigError("nothing to search: give query IMAGE files and/or --id IDS")
     box = parse_box(args.box) if args.box else None
     rotations = parse_rotations(args.rotations) if args.rotations else None
+    rerank = [name.strip() for name in args.rerank.split(",") if name.strip()]
     answers: list[tuple[str, list[Hit]]] = []
     with Searcher(args.index, device=args.device) as searcher:
         records = searcher.store.get(args.ids)
@@ -60,12 +61,12 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
         with ui.bars() as bars:
             update = bars.callback("searching", "query") if len(args.images) > 1 else None
             for done, path in enumerate(args.images, 1):
-                scores, ids = searcher.search_files([path], args.k, [box], rotations)
+                scores, ids = searcher.search_files([path], args.k, [box], rotations, rerank)
                 answers.append((str(path), searcher.results(scores, ids)[0]))
                 if update:
                     update(done, len(args.images))
         if args.ids:
-            scores, ids = searcher.search_ids(args.ids, args.k)
+            scores, ids = searcher.search_ids(args.ids, args.k, rerank)
             hits = searcher.results(scores, ids)
             answers.extend((r.path, h) for r, h in zip(records, hits, strict=True))
     if args.json:

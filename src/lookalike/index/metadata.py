@@ -190,6 +190,15 @@ class MetaDB:
         arr = np.array(rows, dtype=np.int64).reshape(-1, 2)
         return arr[:, 0].copy(), arr[:, 1].copy()
 
+    def live_with_seq(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, slots, seqs)`` int64 of every searchable image, ordered by id; ``seqs`` is
+        the ops seq of each row's last vector change."""
+        rows = self.conn.execute(
+            "SELECT id, slot, seq FROM images WHERE status = 'ok' AND slot IS NOT NULL ORDER BY id"
+        ).fetchall()
+        arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy()
+
     def ops_after(self, seq: int, limit: int) -> list[tuple[int, str, int, int | None]]:
         """Up to ``limit`` ops with a seq above ``seq``, oldest first."""
         return self.conn.execute(

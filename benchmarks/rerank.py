@@ -1,0 +1,261 @@
+"""Re-ranking benchmark: Oxford5k (845) and Holidays mAP and query latency of every
+descriptor-space re-ranking stage, against the same run without re-ranking.
+
+    .venv/bin/python benchmarks/rerank.py --data ../shared/data --index-dir /tmp/rerank-idx [--tune]
+
+The default preset indexes each data set once into ``--index-dir/<name>`` and describes its
+queries once (all rotations, cached beside the index), so reruns only pay for the searches.
+Every method then runs on the same first stage: the preset's rotated query views searched
+and fused (best score per image, rotated views penalised), as ``Searcher.search_files``
+does; the upright view's index-space descriptor is the query the stages expand. Rankings
+cover the whole index (k = all), as in ``evaluate_dataset``.
+
+Latency is the mean wall time per query of the first-stage search plus the re-ranking,
+without the query's description (``extract_ms``, the same for every method, reported once).
+The one-off DBA computation is reported apart (``dba_build_ms``).
+
+``--tune`` sweeps ``n``, ``alpha`` and the DBA ``k`` on both data sets and prints the grid.
+Tuning on the test queries inflates the figures; the presets take settings that are good on
+both data sets rather than the best of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from lookalike.evaluate import RetrievalDataset, apply_exclusions, evaluate_rankings, load_dataset
+from lookalike.extract import ExtractConf, Extractor, get_preset
+from lookalike.index import IndexStore
+from lookalike.indexing import index_files
+from lookalike.rerank import (
+    DBA_PRESETS,
+    QE_PRESETS,
+    RERANKERS,
+    DBAConf,
+    DBARerank,
+    QEConf,
+    QueryExpansion,
+    Reranker,
+    create_reranker,
+    run_pipeline,
+)
+from lookalike.search import fuse_max
+
+Stages = list[Reranker]
+
+
+@dataclass
+class Prepared:
+    """An indexed data set with the query descriptors computed once."""
+
+    index: Path  # the index directory
+    views: np.ndarray  # (Q, R, D) float32 raw query descriptors, one per rotation
+    extract_ms: float  # mean wall time to describe one query (all its rotations)
+
+
+def prepare(
+    dataset: RetrievalDataset, index_dir: Path, conf: ExtractConf, extractor: Extractor
+) -> Prepared:
+    """Index ``dataset`` into ``index_dir/<name>`` and describe its queries (both cached)."""
+    index = index_dir / dataset.name
+    index_files(dataset.images, index, conf, extractor=extractor)
+    cache = index_dir / f"{dataset.name}-queries.npz"
+    # raw query descriptors do not depend on the whitening (the index applies it)
+    raw = {k: v for k, v in conf.descriptor().items() if k != "whitening"}
+    key = json.dumps({"descriptor": raw, "rotations": conf.query_rotations})
+    if cache.exists():
+        with np.load(cache) as data:
+            if str(data["key"]) == key and len(data["views"]) == len(dataset.queries):
+                return Prepared(index, data["views"], float(data["extract_ms"]))
+    start = time.perf_counter()
+    views = np.stack(
+        [extractor.extract_query(q.image, q.box, conf.query_rotations) for q in dataset.queries]
+    )
+    extract_ms = 1000.0 * (time.perf_counter() - start) / len(dataset.queries)
+    np.savez(cache, views=views, extract_ms=extract_ms, key=np.array(key))
+    return Prepared(index, views, extract_ms)
+
+
+class Bench:
+    """One data set's index and queries, ready to score any re-ranking pipeline."""
+
+    def __init__(self, dataset: RetrievalDataset, prep: Prepared, conf: ExtractConf) -> None:
+        self.dataset = dataset
+        self.prep = prep
+        self.store = IndexStore.open(prep.index)  # read-only: DBA lives in memory only
+        position = {str(Path(p).expanduser().resolve()): i for i, p in enumerate(dataset.images)}
+        records = list(self.store.records(status="ok"))
+        self.to_position = np.full(max(r.id for r in records) + 1, -1, dtype=np.int64)
+        for record in records:
+            self.to_position[record.id] = position.get(record.path, -1)
+        rotations = conf.query_rotations
+        self.upright = rotations.index(0) if 0 in rotations else 0
+        self.penalty = np.array(
+            [0.0 if r % 360 == 0 else conf.rotation_penalty for r in rotations], np.float32
+        )[:, None]
+        self._first: list[tuple[np.ndarray, np.ndarray]] = []
+        upright = prep.views[:, self.upright]
+        self.queries = self.store.index_space(np.ascontiguousarray(upright))
+
+    def first_stage(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fused multi-rotation ranking of one query, ``(N,)`` scores and ids."""
+        n = len(self.store)
+        scores, ids = self.store.search(views, n)
+        scores = scores - self.penalty
+        if len(views) == 1:
+            return scores[0], ids[0]
+        return fuse_max(scores, ids, n)
+
+    def run(self, stages: Stages, reuse_first_stage: bool = False) -> dict:
+        """mAP (percent) and mean ms per query of the first stage followed by ``stages``;
+        ``reuse_first_stage`` takes the first-stage rankings from the previous run (tuning)."""
+        rankings, elapsed = [], 0.0
+        triples = zip(self.dataset.queries, self.prep.views, self.queries, strict=True)
+        for i, (query, views, q) in enumerate(triples):
+            start = time.perf_counter()
+            if reuse_first_stage and i < len(self._first):
+                scores, ids = self._first[i]
+            else:
+                scores, ids = self.first_stage(views)
+                self._first[i : i + 1] = [(scores, ids)]
+            scores, ids = run_pipeline(stages, self.store, q, scores, ids, 0)
+            elapsed += time.perf_counter() - start
+            ranking = self.to_position[ids[ids >= 0]]
+            rankings.append(apply_exclusions(ranking[ranking >= 0], query))
+        metrics = evaluate_rankings(
+            rankings,
+            [q.positives for q in self.dataset.queries],
+            [q.junk for q in self.dataset.queries],
+        )
+        return {
+            "mAP": round(float(metrics["mAP"]), 2),
+            "query_ms": round(1000.0 * elapsed / len(self.dataset.queries), 2),
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def warm(stages: Stages, store: IndexStore) -> float:
+    """Compute the DBA of the stages that need one; returns the time it took (ms)."""
+    start = time.perf_counter()
+    for stage in stages:
+        if isinstance(stage, DBARerank):
+            stage.index_for(store)
+    return 1000.0 * (time.perf_counter() - start)
+
+
+METHODS: dict[str, Callable[[], Stages]] = {
+    "none": lambda: [],
+    **{name: (lambda name=name: [create_reranker(name)]) for name in RERANKERS},
+}
+
+
+def tune(benches: list[Bench]) -> list[dict]:
+    """Sweep the settings of each stage on every data set; one row (mAP per data set) per
+    setting. Runs faiss single-threaded: only mAP counts here, and one thread is faster for
+    one query at a time on a small shared machine."""
+    grid: list[tuple[str, dict, Callable[[], Stages]]] = []
+    keeps = (False, True)
+    for n, alpha, keep in itertools.product((1, 2, 3, 5, 7, 10), (0.0, 0.5, 1.0, 3.0), keeps):
+        conf = QEConf(n, alpha, keep)
+        grid.append(("qe", asdict(conf), lambda c=conf: [QueryExpansion(c)]))
+    for k, alpha, keep in itertools.product((2, 3, 5, 7, 10), (0.0, 0.5, 1.0, 3.0), keeps):
+        conf = DBAConf(k, alpha, keep_first_stage=keep)
+        grid.append(("dba", asdict(conf), lambda c=conf: [DBARerank(c)]))
+    for k, alpha, n, qe_alpha, source in itertools.product(
+        (3, 5, 7), (0.5, 1.0), (2, 3, 5), (0.0, 0.5), ("first-stage", "dba")
+    ):
+        conf = DBAConf(k, alpha, qe=QEConf(n, qe_alpha), expand_from=source)
+        grid.append(("dba+qe", asdict(conf), lambda c=conf: [DBARerank(c)]))
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    rows = []
+    try:
+        for stage, params, make in grid:
+            row = {"stage": stage, **params}
+            for bench in benches:
+                stages = make()
+                warm(stages, bench.store)
+                row[bench.dataset.name] = bench.run(stages, reuse_first_stage=True)["mAP"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--datasets", default="oxford5k,holidays")
+    parser.add_argument("--index-dir", type=Path, default=None, help="reused between runs")
+    parser.add_argument("--tune", action="store_true", help="also sweep n, alpha and k")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if args.index_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.index_dir = Path(tmp.name)
+    args.index_dir.mkdir(parents=True, exist_ok=True)
+    conf = get_preset("default")
+    extractor = Extractor(conf)
+    report: dict = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.node()}",
+        "load_average": os.getloadavg(),  # other work on the machine inflates latencies
+        "preset": "default",
+        "settings": {
+            "qe": {name: asdict(c) for name, c in QE_PRESETS.items()},
+            "dba": {name: asdict(c) for name, c in DBA_PRESETS.items()},
+        },
+        "results": [],
+    }
+    benches = []
+    for name in args.datasets.split(","):
+        dataset = load_dataset(name, args.data / name)
+        bench = Bench(dataset, prepare(dataset, args.index_dir, conf, extractor), conf)
+        benches.append(bench)
+        base = None
+        for method, make in METHODS.items():
+            stages = make()
+            build_ms = warm(stages, bench.store)
+            res = bench.run(stages)
+            base = res["mAP"] if base is None else base
+            row = {"dataset": name, "method": method, **res, "gain": round(res["mAP"] - base, 2)}
+            if build_ms > 1:
+                row["dba_build_ms"] = round(build_ms, 1)
+            row["extract_ms"] = round(bench.prep.extract_ms, 1)
+            report["results"].append(row)
+            print(
+                f"{name:9s} {method:13s} mAP {res['mAP']:5.1f} ({row['gain']:+5.1f})  "
+                f"{res['query_ms']:6.2f} ms/query (+{bench.prep.extract_ms:.0f} ms to describe)",
+                flush=True,
+            )
+    if args.tune:
+        report["tuning"] = tune(benches)
+    for bench in benches:
+        bench.close()
+    (args.out / "rerank.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out / 'rerank.json'}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""Database-side augmentation (DBA), stored in the index directory and kept current.
+
+Every database vector ``x_i`` is replaced by ``l2n(sum_j max(s_ij, 0)^alpha x_j)`` over its
+``k`` nearest neighbours in the index space, itself included (first, weight 1); queries are
+then searched against these augmented vectors (Arandjelovic & Zisserman 2012; alpha-DBA,
+Radenovic et al. 2018). The neighbour lists are exact: brute-force inner products over the
+live index-space vectors, whatever faiss structure the index uses.
+
+Stored as ``dba.npz`` in the index directory, replaced atomically: the augmented vectors,
+the neighbour lists (image ids and similarities), ``k``, ``alpha`` and the
+:meth:`~lookalike.index.IndexStore.vector_version` ``(seq, epoch)`` they were computed at.
+A DBA whose version differs from the store's is stale and is never searched: the
+re-ranking stage brings it up to date first (:meth:`DBAIndex.update`).
+
+Update rule. The augmented vector of image ``i`` depends only on its neighbour list and on
+the vectors in it, so after adds, updates (a changed vector) and removals it is recomputed
+exactly for
+
+* every added or updated image (a new vector, so a new list);
+* every image whose list held a removed or updated image (the reverse neighbours in the old
+  graph);
+* every image for which a new or updated vector is at least as similar as its current
+  ``k``-th neighbour, or whose list is not full (the reverse neighbours in the new graph).
+
+All other lists provably stay as they are. The cost is ``O((changed + affected) x N x d)``
+against ``O(N^2 x d)`` for a rebuild, so everything is recomputed instead when more than
+:data:`FULL_REBUILD_FRACTION` of the images changed, or when the whitening (epoch), ``k`` or
+``alpha`` changed. Either way the result equals a from-scratch computation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.errors import ConfigError, IndexStateError
+from lookalike.index import IndexStore
+from lookalike.index.files import atomic_write
+from lookalike.index.store import LiveVectors
+from lookalike.rerank.functional import dba, knn_lists, max_fuse
+from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion, top_valid
+
+logger = logging.getLogger(__name__)
+
+DBA_NAME = "dba.npz"
+FORMAT_VERSION = 1
+FULL_REBUILD_FRACTION = 0.25  # more changed images than this fraction: recompute everything
+CHUNK = 2048  # rows per block of brute-force similarities (CHUNK x N float32 in memory)
+
+
+def _check_params(k: int, alpha: float) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"DBA k must be an integer >= 1 (1 = off), got {k!r}")
+    if not alpha >= 0:
+        raise ConfigError(f"DBA alpha must be >= 0, got {alpha!r}")
+
+
+def _to_ids(pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows of ``ids`` to image ids, ``-1`` kept."""
+    return np.where(pos >= 0, ids[np.maximum(pos, 0)], -1) if len(ids) else pos.copy()
+
+
+class DBAIndex:
+    """The augmented database of one index, at one :meth:`IndexStore.vector_version`.
+
+    Use :func:`build_dba`, :func:`open_dba` or :meth:`load`, not the constructor.
+
+    Attributes:
+        k: neighbours per augmented vector, the image itself included.
+        alpha: weight exponent; 0 is average DBA.
+        seq, epoch: the store version the state corresponds to.
+        ids: ``(N,)`` int64 image ids, ascending.
+        neighbours: ``(N, k)`` int64 image ids of each list (itself first, ``-1`` padding).
+        sims: ``(N, k)`` float32 their similarities (``-inf`` padding).
+        vectors: ``(N, d)`` float32 augmented vectors, L2-normalised.
+    """
+
+    def __init__(
+        self,
+        store: IndexStore,
+        k: int,
+        alpha: float,
+        version: tuple[int, int],
+        ids: np.ndarray,
+        neighbours: np.ndarray,
+        sims: np.ndarray,
+        vectors: np.ndarray,
+    ) -> None:
+        self.store = store
+        self.k = int(k)
+        self.alpha = float(alpha)
+        self.seq, self.epoch = int(version[0]), int(version[1])
+        self.ids = ids
+        self.neighbours = neighbours
+        self.sims = sims
+        self.vectors = vectors
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"DBAIndex({len(self)} vectors, k={self.k}, alpha={self.alpha}, seq={self.seq}, "
+            f"epoch={self.epoch})"
+        )
+
+    # -- computing ---------------------------------------------------------------------------
+
+    @classmethod
+    def compute(cls, store: IndexStore, k: int, alpha: float, live: LiveVectors) -> DBAIndex:
+        """From scratch, from one :meth:`IndexStore.live_vectors` state."""
+        _check_params(k, alpha)
+        pos, sims = knn_lists(live.vectors, np.arange(len(live.ids)), k)
+        vectors = dba(live.vectors, pos, sims, alpha)
+        neighbours = _to_ids(pos, live.ids)
+        return cls(store, k, alpha, (live.seq, live.epoch), live.ids, neighbours, sims, vectors)
+
+    def is_current(self) -> bool:
+        """Whether the store still holds exactly the vectors this state was computed from."""
+        return self.store.vector_version() == (self.seq, self.epoch)
+
+    def update(self, store: IndexStore | None = None) -> int:
+        """Bring the state up to the store's current version (see the module docstring).
+
+        Args:
+            store: the index (default: the one this state was computed for); a writable
+                store is not saved here, call :meth:`save`.
+
+        Returns:
+            How many augmented vectors were recomputed (0: already current).
+        """
+        with self._lock:
+            if store is not None:
+                self.store = store
+            if self.is_current():
+                return 0
+            live = self.store.live_vectors()
+            fresh, recomputed = self._updated(live)
+            self.seq, self.epoch = fresh.seq, fresh.epoch
+            self.ids, self.neighbours = fresh.ids, fresh.neighbours
+            self.sims, self.vectors = fresh.sims, fresh.vectors
+            logger.info("DBA at seq %d: %d of %d recomputed", self.seq, recomputed, len(self))
+            return recomputed
+
+    def _updated(self, live: LiveVectors) -> tuple[DBAIndex, int]:
+        """The state at ``live``'s version and how many augmented vectors were recomputed."""
+        n = len(live.ids)
+        if live.epoch != self.epoch or len(self.ids) == 0:
+            return DBAIndex.compute(self.store, self.k, self.alpha, live), n
+        changed = live.seqs > self.seq  # added or updated since this state
+        kept = np.isin(live.ids, self.ids) & ~changed
+        gone = np.setdiff1d(self.ids, live.ids[kept])  # removed or updated ids
+        n_changes = int(changed.sum()) + int(np.isin(gone, live.ids, invert=True).sum())
+        if n_changes > FULL_REBUILD_FRACTION * n:
+            return DBAIndex.compute(self.store, self.k, self.alpha, live), n
+        base = live.vectors
+        kept_rows = np.flatnonzero(kept)
+        old = np.searchsorted(self.ids, live.ids[kept_rows])
+        old_nb, old_sims = self.neighbours[old], self.sims[old]
+        # reverse neighbours in the old graph: a list entry vanished or changed vector
+        hit = np.isin(old_nb[:, 1:], gone).any(axis=1)
+        # reverse neighbours in the new graph: a new vector beats the k-th neighbour
+        new_rows = np.flatnonzero(changed)
+        if len(new_rows) and len(kept_rows):
+            full = old_nb[:, -1] >= 0
+            thr = np.where(full, old_sims[:, -1], -np.inf)[:, None]
+            for begin in range(0, len(kept_rows), CHUNK):
+                block = slice(begin, begin + CHUNK)
+                s = base[kept_rows[block]] @ base[new_rows].T
+                hit[block] |= (s >= thr[block]).any(axis=1)
+        affected = changed.copy()
+        affected[kept_rows[hit]] = True
+        pos = np.empty((n, self.k), dtype=np.int64)
+        sims = np.empty((n, self.k), dtype=np.float32)
+        vectors = np.empty((n, base.shape[1]), dtype=np.float32)
+        stay = kept_rows[~hit]
+        stay_old = old[~hit]
+        nb = self.neighbours[stay_old]
+        pos[stay] = np.where(nb >= 0, np.searchsorted(live.ids, np.maximum(nb, 0)), -1)
+        sims[stay] = self.sims[stay_old]
+        vectors[stay] = self.vectors[stay_old]
+        rows = np.flatnonzero(affected)
+        pos[rows], sims[rows] = knn_lists(base, rows, self.k)
+        vectors[rows] = dba(base, pos[rows], sims[rows], self.alpha)
+        version = (live.seq, live.epoch)
+        fresh = DBAIndex(
+            self.store, self.k, self.alpha, version, live.ids, _to_ids(pos, live.ids), sims, vectors
+        )
+        return fresh, len(rows)
+
+    # -- searching ---------------------------------------------------------------------------
+
+    def _require_current(self) -> None:
+        if not self.is_current():
+            raise IndexStateError(
+                f"the DBA of index {self.store.path} is at seq {self.seq} but the index has "
+                "changed since; call update() before searching it"
+            )
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """``(n,)`` bool: which ``ids`` have an augmented vector."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        at = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        return (self.ids[at] == ids) if len(self.ids) else np.zeros(len(ids), dtype=bool)
+
+    def augmented(self, ids: np.ndarray) -> np.ndarray:
+        """The augmented vectors of ``ids``, ``(n, d)`` float32.
+
+        Raises:
+            ValueError: an id has no augmented vector (unknown, removed, never indexed).
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        with self._lock:
+            known = self.contains(ids)
+            if not known.all():
+                raise ValueError(f"no DBA vector for image id(s) {ids[~known][:5].tolist()}")
+            return self.vectors[np.searchsorted(self.ids, ids)]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner-product search of the augmented vectors.
+
+        Args:
+            queries: ``(n, d)`` (or one ``(d,)``) index-space queries.
+            k: results per query; ``<= 0`` ranks every image.
+
+        Returns:
+            ``(scores, ids)``, ``(n, k)`` float32 / int64, best first, ``-1`` / ``-inf``
+            padding (one query: ``(k,)`` each).
+
+        Raises:
+            IndexStateError: the store changed since this state (call :meth:`update`).
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        single = q.ndim == 1
+        q = q[None] if single else q
+        with self._lock:
+            self._require_current()
+            if q.ndim != 2 or (len(self) and q.shape[1] != self.vectors.shape[1]):
+                raise ValueError(f"queries must be (n, {self.vectors.shape[1]}), got {q.shape}")
+            n_db = len(self)
+            k = n_db if k <= 0 else int(k)
+            scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+            ids = np.full((len(q), k), -1, dtype=np.int64)
+            got = min(k, n_db)
+            if got and len(q):
+                s = q @ self.vectors.T
+                top = np.argpartition(-s, got - 1, axis=1)[:, :got] if got < n_db else None
+                if top is None:
+                    top = np.broadcast_to(np.arange(n_db), s.shape)
+                top_s = np.take_along_axis(s, top, axis=1)
+                order = np.lexsort((top, -top_s), axis=1)
+                scores[:, :got] = np.take_along_axis(top_s, order, axis=1)
+                ids[:, :got] = self.ids[np.take_along_axis(top, order, axis=1)]
+        return (scores[0], ids[0]) if single else (scores, ids)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write ``dba.npz`` into the index directory atomically; returns its path.
+
+        Raises:
+            IndexStateError: the store is read-only (only its writer may change the
+                directory), or the state is stale.
+        """
+        with self._lock:
+            if not self.store.writable:
+                raise IndexStateError(
+                    f"index {self.store.path} is open read-only; open it for writing to store "
+                    "its DBA"
+                )
+            self._require_current()
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "k": self.k,
+                "alpha": self.alpha,
+                "seq": self.seq,
+                "epoch": self.epoch,
+            }
+            path = self.store.path / DBA_NAME
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:
+                    np.savez(
+                        f,
+                        meta=np.array(json.dumps(meta)),
+                        ids=self.ids,
+                        neighbours=self.neighbours,
+                        sims=self.sims,
+                        vectors=self.vectors,
+                    )
+
+            atomic_write(path, write)
+            return path
+
+    @classmethod
+    def load(cls, store: IndexStore) -> DBAIndex | None:
+        """The DBA stored in the index directory (maybe stale), or None if there is none.
+
+        Raises:
+            IndexStateError: the file is damaged or of a newer format.
+        """
+        path = store.path / DBA_NAME
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {key: data[key] for key in ("ids", "neighbours", "sims", "vectors")}
+        except (OSError, ValueError, KeyError) as error:
+            raise IndexStateError(
+                f"{path} is damaged ({error}); delete it, it is rebuilt on the next search"
+            ) from None
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise IndexStateError(f"{path} has a newer format; upgrade lookalike or delete it")
+        n, k = len(arrays["ids"]), int(meta["k"])
+        if arrays["neighbours"].shape != (n, k) or len(arrays["vectors"]) != n:
+            raise IndexStateError(f"{path} is damaged (inconsistent shapes); delete it")
+        return cls(
+            store,
+            int(meta["k"]),
+            float(meta["alpha"]),
+            (int(meta["seq"]), int(meta["epoch"])),
+            arrays["ids"].astype(np.int64),
+            arrays["neighbours"],
+            arrays["sims"],
+            arrays["vectors"],
+        )
+
+
+def build_dba(store: IndexStore, k: int = 5, alpha: float = 1.0) -> DBAIndex:
+    """Compute the DBA of ``store`` from scratch (in memory; :meth:`DBAIndex.save` stores it).
+
+    Args:
+        store: the index.
+        k: neighbours per augmented vector, the image itself included; 1 is no augmentation.
+        alpha: weight exponent ``max(sim, 0)^alpha``; 0 is average DBA.
+    """
+    _check_params(k, alpha)
+    return DBAIndex.compute(store, k, alpha, store.live_vectors())
+
+
+def open_dba(store: IndexStore, k: int = 5, alpha: float = 1.0) -> DBAIndex:
+    """The current DBA of ``store`` with these settings: the stored one, brought up to date,
+    or a new one. A writable store gets the result saved when anything changed."""
+    _check_params(k, alpha)
+    current = DBAIndex.load(store)
+    if current is not None and (current.k, current.alpha) == (k, float(alpha)):
+        stored = (current.seq, current.epoch)
+        current.update(store)
+        changed = (current.seq, current.epoch) != stored
+    else:
+        if current is not None:
+            logger.info("stored DBA has k=%d alpha=%g: rebuilding", current.k, current.alpha)
+        current, changed = build_dba(store, k, alpha), True
+    if changed and store.writable:
+        current.save()
+    return current
+
+
+def sync_dba(store: IndexStore) -> DBAIndex | None:
+    """Bring the DBA stored in a writable index up to date after changing the index; None
+    when the index has no stored DBA. Call it after :meth:`IndexStore.add` / ``remove``."""
+    current = DBAIndex.load(store)
+    if current is None:
+        return None
+    stored = (current.seq, current.epoch)
+    current.update(store)
+    if (current.seq, current.epoch) != stored:
+        current.save()
+    return current
+
+
+EXPAND_FROM = ("first-stage", "dba")
+
+
+@dataclass(frozen=True)
+class DBAConf:
+    """DBA re-ranking settings; the defaults are the ``dba`` preset."""
+
+    k: int = 5  # neighbours averaged per database vector, the image itself included; 1 is off
+    alpha: float = 1.0  # neighbour weight = max(similarity, 0)^alpha; 0 = average DBA
+    qe: QEConf | None = None  # expand the query with augmented vectors of its top results
+    expand_from: str = "first-stage"  # QE neighbours: "first-stage" ranking, or "dba" search
+    keep_first_stage: bool = True  # score = max(new, first-stage score); False: new score only
+
+    def __post_init__(self) -> None:
+        _check_params(self.k, self.alpha)
+        if self.expand_from not in EXPAND_FROM:
+            raise ConfigError(
+                f"DBA expand_from must be one of {', '.join(EXPAND_FROM)}, got {self.expand_from!r}"
+            )
+
+
+# Measured on Oxford5k (845) and Holidays with benchmarks/rerank.py --tune.
+# One augmented database (k=5, alpha=1) serves every preset, so switching presets never
+# recomputes the stored one; the QE parts are the QE presets of the same names.
+DBA_PRESETS: dict[str, DBAConf] = {
+    "dba": DBAConf(),  # augmented database, the upright query as it is
+    "dba+aqe": DBAConf(qe=QE_PRESETS["aqe"]),  # + average QE over augmented vectors
+    "dba+alpha-qe": DBAConf(qe=QE_PRESETS["alpha-qe"]),  # + alpha-QE over augmented vectors
+}
+
+
+class DBARerank:
+    """Re-ranking stage: search the augmented database (optionally with an expanded query).
+
+    The augmented database of each store is opened on first use (:func:`open_dba`: the
+    stored one, else computed) and brought up to date whenever the store has changed, so a
+    stale one is never searched; a writable store gets the update saved.
+
+    Args:
+        conf: DBA settings, query expansion included.
+        name: the stage name reported in pipelines.
+    """
+
+    def __init__(self, conf: DBAConf = DBAConf(), name: str = "dba") -> None:
+        self.conf = conf
+        self.name = name
+        self.expansion = None if conf.qe is None else QueryExpansion(conf.qe, name)
+        self._indexes: weakref.WeakKeyDictionary[IndexStore, DBAIndex] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_preset(cls, name: str) -> DBARerank:
+        if name not in DBA_PRESETS:
+            raise ConfigError(
+                f"unknown DBA preset {name!r}; choose one of {', '.join(DBA_PRESETS)}"
+            )
+        return cls(DBA_PRESETS[name], name)
+
+    def __repr__(self) -> str:
+        return f"DBARerank({self.name!r}, {self.conf})"
+
+    def index_for(self, store: IndexStore) -> DBAIndex:
+        """The current augmented database of ``store``."""
+        with self._lock:
+            index = self._indexes.get(store)
+            if index is None:
+                index = open_dba(store, self.conf.k, self.conf.alpha)
+                self._indexes[store] = index
+            elif not index.is_current():
+                index.update(store)
+                if store.writable:
+                    try:
+                        index.save()
+                    except IndexStateError:  # changed again meanwhile: the next call saves
+                        logger.debug("DBA of %s not saved: the index changed meanwhile", store)
+            return index
+
+    def __call__(
+        self,
+        store: IndexStore,
+        query: np.ndarray,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank one query (see :class:`lookalike.rerank.Reranker`): ``(k,)`` scores and
+        ids from the augmented database."""
+        for _ in range(3):  # a commit between the update and the search: update again
+            index = self.index_for(store)
+            try:
+                out_s, out_i = index.search(self._query(index, query, scores, ids), k)
+            except IndexStateError:
+                continue
+            if self.conf.keep_first_stage:
+                return max_fuse(out_s, out_i, scores, ids, len(out_i))
+            return out_s, out_i
+        raise IndexStateError(
+            f"index {store.path} kept changing during re-ranking; retry in a moment"
+        )
+
+    def _query(
+        self, index: DBAIndex, query: np.ndarray, scores: np.ndarray, ids: np.ndarray
+    ) -> np.ndarray:
+        if self.expansion is None:
+            return query
+        if self.conf.expand_from == "dba":
+            scores, ids = index.search(query, self.expansion.conf.n)
+        top_s, top_i = top_valid(scores, ids, len(ids))
+        known = index.contains(top_i)
+        top_s, top_i = top_s[known][: self.expansion.conf.n], top_i[known][: self.expansion.conf.n]
+        if len(top_i) == 0:
+            return query
+        return self.expansion.expand(query, index.augmented(top_i), top_s)
