@@ -109,3 +109,20 @@ def test_unknown_rerank_stage_is_refused(upright_index):
     index, paths = upright_index
     with Searcher(index) as s, pytest.raises(ConfigError, match="alpha-qe"):
         s.search_files(paths[:1], k=2, rerank=["nope"])
+
+
+def test_stored_dba_follows_reindexing(tmp_path):
+    from lookalike.index import IndexStore
+    from lookalike.rerank.dba import DBAIndex, build_dba
+
+    folder = tmp_path / "images"
+    write_images(folder, 5, side=64)
+    conf = get_preset("fast").replace(workers=0)
+    index_folder(folder, tmp_path / "index", conf)
+    with IndexStore.open(tmp_path / "index", writable=True) as store:
+        build_dba(store).save()
+    write_images(folder / "more", 2, side=72)
+    index_folder(folder, tmp_path / "index", conf)  # adds 2: the stored DBA must follow
+    with IndexStore.open(tmp_path / "index") as store:
+        dba = DBAIndex.load(store)
+        assert dba is not None and dba.is_current() and len(dba) == 7

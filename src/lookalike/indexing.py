@@ -237,7 +237,15 @@ def _sync(
         report.whitening_learned = _learn_whitening(store, conf, regions)
     if not report.whitening_learned:
         store.checkpoint()
+    _update_dba(store)
     return report
+
+
+def _update_dba(store: IndexStore) -> None:
+    """Bring a stored database-side augmentation up to date with this run's changes."""
+    from lookalike.rerank.dba import sync_dba
+
+    sync_dba(store)
 
 
 def _metadata_for(

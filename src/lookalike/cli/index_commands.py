@@ -130,6 +130,9 @@ def cmd_remove(args: argparse.Namespace, ui: Ui) -> int:
         else:
             asked = len(set(args.paths))
             removed = store.remove_paths([form for p in args.paths for form in path_forms(p)])
+        from lookalike.rerank.dba import sync_dba
+
+        sync_dba(store)  # keep a stored DBA correct
     print(f"removed {removed} image{'s' if removed != 1 else ''} from {args.index}")
     if removed < asked:
         print(f"({asked - removed} of the {asked} given were not in the index)")
