@@ -1,0 +1,247 @@
+"""Every registered local feature extractor: output contract, scaling, and a verified warp."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.errors import ConfigError
+from lookalike.local import (
+    DESCRIPTORS,
+    IMAGE_SIZE,
+    KEYPOINTS,
+    LOCAL_FEATURES,
+    SCORES,
+    create_local_extractor,
+    default_local_settings,
+    verify_pair,
+)
+from lookalike.local.features import akaze_available, root_sift
+from lookalike.local.matching import homography_corner_error
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "aliked-n16.pth"
+SIDE = 256  # test images are SIDE x SIDE: fast on a shared 2-core machine
+H_TRUE = np.array([[0.9, 0.1, 20.0], [-0.08, 0.95, 25.0], [2e-4, 1e-4, 1.0]])
+
+
+def _skip_reason(name: str) -> str | None:
+    if name == "akaze" and not akaze_available():
+        return f"OpenCV {cv2.__version__} has no AKAZE (contrib build or OpenCV < 5 needed)"
+    if name == "aliked" and not WEIGHTS.is_file():
+        return f"ALIKED weights {WEIGHTS} are missing"
+    return None
+
+
+@pytest.fixture(scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy shared machine more threads only spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def extractors(one_torch_thread: None) -> dict:
+    """One extractor per registered name (None where this machine cannot run it)."""
+    out = {}
+    for name in LOCAL_FEATURES:
+        if _skip_reason(name):
+            out[name] = None
+            continue
+        weights = WEIGHTS if name == "aliked" else None
+        out[name] = create_local_extractor(name, max_keypoints=512, max_side=SIDE, weights=weights)
+    return out
+
+
+def _square(img: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).convert("RGB").resize((SIDE, SIDE), Image.LANCZOS))
+
+
+def _photo() -> np.ndarray:
+    from skimage import data
+
+    return _square(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def pair() -> dict[str, np.ndarray]:
+    """A textured photo, its warp by H_TRUE, an unrelated photo and a flat grey image."""
+    from skimage import data
+
+    photo = _photo()
+    return {
+        "photo": photo,
+        "warped": cv2.warpPerspective(photo, H_TRUE, (SIDE, SIDE)),
+        "unrelated": _square(data.coffee()),
+        "flat": np.full((SIDE, SIDE, 3), 128, np.uint8),
+    }
+
+
+@pytest.fixture(scope="session")
+def features(extractors: dict, pair: dict) -> dict:
+    """``features[name][image]``, computed once per session."""
+    return {
+        name: None if ex is None else {key: ex(img) for key, img in pair.items()}
+        for name, ex in extractors.items()
+    }
+
+
+def _need(extractors: dict, name: str) -> None:
+    reason = _skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("name", list(LOCAL_FEATURES))
+def test_output_contract(name: str, extractors: dict, features: dict) -> None:
+    _need(extractors, name)
+    ex = extractors[name]
+    feats = features[name]["photo"]
+    n = len(feats[KEYPOINTS])
+    assert 100 <= n <= 512
+    assert feats[KEYPOINTS].shape == (n, 2) and feats[KEYPOINTS].dtype == np.float32
+    assert feats[SCORES].shape == (n,) and np.all(np.diff(feats[SCORES]) <= 0)
+    assert feats[DESCRIPTORS].shape == (n, ex.dim)
+    assert feats[DESCRIPTORS].dtype == (np.uint8 if ex.binary else np.float32)
+    assert feats[IMAGE_SIZE] == (SIDE, SIDE)
+    assert feats[KEYPOINTS].min() >= -0.5 and feats[KEYPOINTS].max() <= SIDE - 0.5
+    assert ex.settings() == {
+        **default_local_settings(name),
+        "max_keypoints": 512,
+        "max_side": SIDE,
+    }
+    assert ex.metric == ("hamming" if ex.binary else "l2")
+
+
+@pytest.mark.parametrize("name", list(LOCAL_FEATURES))
+def test_warp_is_verified_and_homography_recovered(
+    name: str, extractors: dict, features: dict
+) -> None:
+    _need(extractors, name)
+    f = features[name]
+    v = verify_pair(f["photo"], f["warped"], threshold_px=4.0)
+    assert v.inliers >= 100, v
+    assert homography_corner_error(v.model, H_TRUE, (SIDE, SIDE)) < 2.0
+    # the inlier keypoints really map onto each other under the true homography
+    p0 = f["photo"][KEYPOINTS][v.inlier_matches[:, 0]].astype(np.float64)
+    p1 = f["warped"][KEYPOINTS][v.inlier_matches[:, 1]]
+    mapped = cv2.perspectiveTransform(p0[None], H_TRUE)[0]
+    assert np.median(np.linalg.norm(mapped - p1, axis=1)) < 1.5
+
+
+@pytest.mark.parametrize("name", list(LOCAL_FEATURES))
+def test_unrelated_and_flat_images_give_few_inliers(
+    name: str, extractors: dict, features: dict
+) -> None:
+    _need(extractors, name)
+    f = features[name]
+    # measured 4-6 for the OpenCV features and 0 for ALIKED: a homography fits 4 of
+    # any matches, chance adds a few
+    assert verify_pair(f["photo"], f["unrelated"]).inliers < 12
+    flat = f["flat"]
+    if name != "aliked":  # a detector on a constant image finds nothing
+        assert len(flat[KEYPOINTS]) == 0 and flat[DESCRIPTORS].shape == (0, extractors[name].dim)
+    for other in ("photo", "unrelated"):
+        assert verify_pair(flat, f[other]).inliers == 0
+        assert verify_pair(f[other], flat).inliers == 0
+
+
+@pytest.mark.parametrize("name", list(LOCAL_FEATURES))
+def test_downscaled_keypoints_map_back_to_original_pixels(
+    name: str, extractors: dict, features: dict, pair: dict
+) -> None:
+    _need(extractors, name)
+    # a 2x nearest-neighbour enlargement: INTER_AREA halving it restores the photo exactly,
+    # so the detector sees the same pixels and only the coordinate mapping differs
+    big = np.repeat(np.repeat(pair["photo"], 2, axis=0), 2, axis=1)
+    got = extractors[name](big)
+    ref = features[name]["photo"]
+    assert got[IMAGE_SIZE] == (2 * SIDE, 2 * SIDE)
+    np.testing.assert_allclose(got[KEYPOINTS], (ref[KEYPOINTS] + 0.5) * 2 - 0.5, atol=1e-3)
+    np.testing.assert_array_equal(got[DESCRIPTORS], ref[DESCRIPTORS])
+
+
+def test_original_size_maps_keypoints_of_a_decoded_copy(extractors: dict, features: dict) -> None:
+    # what indexing does: features of the copy decoded at max_side, in pixels of the file
+    ref = features["sift"]["photo"]
+    image = _photo()
+    got = extractors["sift"](image, original_size=(3 * SIDE, 2 * SIDE))
+    assert got[IMAGE_SIZE] == (3 * SIDE, 2 * SIDE)
+    expected = (ref[KEYPOINTS] + 0.5) * np.array([3.0, 2.0], np.float32) - 0.5
+    np.testing.assert_allclose(got[KEYPOINTS], expected, rtol=1e-6)
+    np.testing.assert_array_equal(got[DESCRIPTORS], ref[DESCRIPTORS])
+    same = extractors["sift"](image, original_size=(SIDE, SIDE))
+    np.testing.assert_array_equal(same[KEYPOINTS], ref[KEYPOINTS])
+    with pytest.raises(ConfigError, match="original_size"):
+        extractors["sift"](image, original_size=(0, 5))
+
+
+def test_pil_and_gray_input(extractors: dict, pair: dict, features: dict) -> None:
+    ex = extractors["sift"]
+    from_pil = ex(Image.fromarray(pair["photo"]))
+    np.testing.assert_array_equal(from_pil[KEYPOINTS], features["sift"]["photo"][KEYPOINTS])
+    gray = cv2.cvtColor(pair["photo"], cv2.COLOR_RGB2GRAY)
+    np.testing.assert_array_equal(ex(gray)[KEYPOINTS], features["sift"]["photo"][KEYPOINTS])
+    with pytest.raises(ConfigError, match="uint8"):
+        ex(pair["photo"].astype(np.float32))
+    with pytest.raises(ConfigError, match="uint8"):
+        ex(np.zeros((4, 4, 4), np.uint8))
+
+
+def test_rootsift_is_sqrt_of_l1_normalised_sift(features: dict) -> None:
+    sift = features["sift"]["photo"][DESCRIPTORS]
+    root = features["rootsift"]["photo"][DESCRIPTORS]
+    expected = np.array([np.sqrt(row / row.sum()) for row in sift.astype(np.float64)])
+    np.testing.assert_allclose(root, expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(root, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(root_sift(np.zeros((1, 128))), np.zeros((1, 128)))
+
+
+def test_max_keypoints_caps() -> None:
+    from skimage import data
+
+    ex = create_local_extractor("orb", max_keypoints=40, max_side=256)
+    feats = ex(data.astronaut())
+    assert 35 <= len(feats[KEYPOINTS]) <= 40  # ORB keeps at most nfeatures, sometimes 1 less
+    assert feats[IMAGE_SIZE] == (512, 512)  # the original size, though detected at 256
+
+
+def test_factory_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sift, rootsift, orb, akaze, aliked"):
+        create_local_extractor("surf")
+    with pytest.raises(ConfigError, match="max_keypoints"):
+        create_local_extractor("sift", max_keypoints=0)
+    with pytest.raises(ConfigError, match="max_side"):
+        create_local_extractor("sift", max_side=8)
+    with pytest.raises(ConfigError, match="weights"):
+        create_local_extractor("sift", weights="x.pth")
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_local_extractor("aliked", weights=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot read"):
+        create_local_extractor("aliked", weights=bad)
+    if not akaze_available():
+        with pytest.raises(ConfigError, match="contrib"):
+            create_local_extractor("akaze")
+
+
+def test_aliked_rejects_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    if _skip_reason("aliked"):
+        pytest.skip(_skip_reason("aliked"))
+    import torch
+
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    state.pop("score_head.0.weight")
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="not an aliked-n16 checkpoint"):
+        create_local_extractor("aliked", weights=path)
