@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import sqlite3
 import threading
@@ -43,12 +42,16 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.files import TMP_SUFFIX, atomic_write_bytes, fsync_dir, remove_durably
+from lookalike.local.encoding import (
+    KPT_SCALE,
+    library_versions,
+    storage_encoding,
+)
 from lookalike.local.features import (
     DESCRIPTORS,
     IMAGE_SIZE,
@@ -67,8 +70,6 @@ DB_NAME = "local.sqlite"
 DATA_NAME = "features.bin"
 FORMAT = "lookalike-local-features"
 FORMAT_VERSION = 1
-KPT_SCALE = 65535.0  # uint16 keypoint quantisation, relative to the image size
-ROOTSIFT_SCALE = 512.0  # uint8 RootSIFT: components stay below 0.5, step 0.002
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS features (
@@ -81,40 +82,6 @@ CREATE TABLE IF NOT EXISTS features (
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
 """
-
-
-def storage_encoding(settings: dict, quantize: bool) -> dict[str, Any]:
-    """How descriptors of an extractor are written: ``{"descriptors": dtype, "scale": s}``.
-
-    ``scale`` multiplies float descriptors before rounding to uint8 (None: float16 or raw bits).
-    """
-    if settings.get("binary"):
-        if quantize:
-            raise ConfigError("quantize applies to float descriptors; binary ones are uint8")
-        return {"descriptors": "uint8", "scale": None}
-    if settings["name"] == "sift":  # OpenCV SIFT values are integers in 0..255
-        return {"descriptors": "uint8", "scale": 1.0}
-    if quantize:
-        if settings["name"] != "rootsift":
-            raise ConfigError(
-                f"quantize=True stores non-negative RootSIFT as uint8; {settings['name']!r} "
-                "descriptors stay float16"
-            )
-        return {"descriptors": "uint8", "scale": ROOTSIFT_SCALE}
-    return {"descriptors": "float16", "scale": None}
-
-
-def _versions() -> dict[str, str]:
-    import cv2
-
-    import lookalike
-
-    return {
-        "lookalike": lookalike.__version__,
-        "opencv": cv2.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 class LocalFeatureStore:
@@ -220,7 +187,7 @@ class LocalFeatureStore:
                 "extractor": settings,
                 "storage": {**storage, "keypoints": "uint16", "scores": "float16"},
                 "quantize": bool(quantize),
-                "versions": _versions(),
+                "versions": library_versions(),
             }
             data = json.dumps(manifest, indent=2).encode("utf-8") + b"\n"
             atomic_write_bytes(scratch / MANIFEST_NAME, data)
