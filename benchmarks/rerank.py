@@ -1,7 +1,15 @@
 """Re-ranking benchmark: Oxford5k (845) and Holidays mAP and query latency of every
-descriptor-space re-ranking stage, against the same run without re-ranking.
+re-ranking stage alone and combined, against the same run without re-ranking.
 
-    .venv/bin/python benchmarks/rerank.py --data ../shared/data --index-dir /tmp/rerank-idx [--tune]
+    .venv/bin/python benchmarks/rerank.py --data ../shared/data --index-dir bench_out/rerank-idx \
+        [--verify --local-weights ../shared/data/weights/aliked-n16.pth] [--tune]
+
+``--verify`` adds geometric verification (the ``default`` verify preset: ALIKED): the
+indexes get their local features as ``lookalike index --local aliked`` stores them (once,
+~0.5 s per image on 2 cores), the queries' (cropped) local features are computed once and
+cached beside the index, and the ``verify`` stage re-ranks the top 100 of each pipeline.
+Its latency is reported per step (``verify_ms``: load / match / ransac) apart from the
+extraction of the query's local features (``local_extract_ms``).
 
 The default preset indexes each data set once into ``--index-dir/<name>`` and describes its
 queries once (all rotations, cached beside the index), so reruns only pay for the searches.
@@ -41,6 +49,9 @@ from lookalike.evaluate import RetrievalDataset, apply_exclusions, evaluate_rank
 from lookalike.extract import ExtractConf, Extractor, get_preset
 from lookalike.index import IndexStore
 from lookalike.indexing import index_files
+from lookalike.local import LocalFeatureStore
+from lookalike.local.conf import VERIFY_PRESETS, VerifyConf
+from lookalike.local.sync import sync_local
 from lookalike.rerank import (
     DBA_PRESETS,
     QE_PRESETS,
@@ -53,6 +64,7 @@ from lookalike.rerank import (
     create_reranker,
     run_pipeline,
 )
+from lookalike.rerank.verify import GeometricVerifier
 from lookalike.search import fuse_max
 
 Stages = list[Reranker]
@@ -65,6 +77,49 @@ class Prepared:
     index: Path  # the index directory
     views: np.ndarray  # (Q, R, D) float32 raw query descriptors, one per rotation
     extract_ms: float  # mean wall time to describe one query (all its rotations)
+    local: list[dict] | None = None  # (Q,) query local features, with --verify
+    local_extract_ms: float = 0.0  # mean wall time to detect one query's local features
+
+
+def prepare_local(
+    dataset: RetrievalDataset, index_dir: Path, prep: Prepared, conf: VerifyConf
+) -> Prepared:
+    """Store the index's local features (as ``index --local``) and the queries' (cached)."""
+    with IndexStore.open(prep.index, writable=True) as store:
+        start = time.perf_counter()
+        described = sync_local(store, conf, progress=_log_progress(f"{dataset.name} local"))
+        if described:
+            per_image = 1000.0 * (time.perf_counter() - start) / described
+            print(f"{dataset.name}: local features of {described} images, {per_image:.0f} ms each")
+    folder = index_dir / f"{dataset.name}-query-local"
+    folder.mkdir(exist_ok=True)
+    queries = LocalFeatureStore(
+        folder, conf.features, conf.feature_settings(), quantize=conf.quantize
+    )
+    timing = folder / "extract_ms.json"
+    with IndexStore.open(prep.index) as store:
+        verifier = GeometricVerifier(store, conf)
+        times = []
+        for q, query in enumerate(dataset.queries):
+            if q not in queries:
+                start = time.perf_counter()
+                queries.put(q, verifier.query_features(query.image, query.box))
+                times.append(time.perf_counter() - start)
+        if times:
+            timing.write_text(json.dumps(1000.0 * float(np.mean(times))))
+        verifier.close()
+    prep.local = queries.get_many(range(len(dataset.queries)))
+    prep.local_extract_ms = float(json.loads(timing.read_text())) if timing.exists() else 0.0
+    queries.close()
+    return prep
+
+
+def _log_progress(what: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if done % 100 == 0 or done == total:
+            print(f"  {what}: {done} / {total}", flush=True)
+
+    return report
 
 
 def prepare(
@@ -120,10 +175,17 @@ class Bench:
             return scores[0], ids[0]
         return fuse_max(scores, ids, n)
 
-    def run(self, stages: Stages, reuse_first_stage: bool = False) -> dict:
-        """mAP (percent) and mean ms per query of the first stage followed by ``stages``;
-        ``reuse_first_stage`` takes the first-stage rankings from the previous run (tuning)."""
+    def run(
+        self,
+        stages: Stages,
+        reuse_first_stage: bool = False,
+        verifier: GeometricVerifier | None = None,
+    ) -> dict:
+        """mAP (percent) and mean ms per query of the first stage followed by ``stages``
+        (and ``verifier``); ``reuse_first_stage`` takes the first-stage rankings from the
+        previous run (tuning)."""
         rankings, elapsed = [], 0.0
+        steps: dict[str, list[float]] = {"load": [], "match": [], "ransac": [], "features": []}
         triples = zip(self.dataset.queries, self.prep.views, self.queries, strict=True)
         for i, (query, views, q) in enumerate(triples):
             start = time.perf_counter()
@@ -133,6 +195,10 @@ class Bench:
                 scores, ids = self.first_stage(views)
                 self._first[i : i + 1] = [(scores, ids)]
             scores, ids = run_pipeline(stages, self.store, q, scores, ids, 0)
+            if verifier is not None:
+                scores, ids, _ = verifier(self.prep.local[i], scores, ids, 0)
+                for step, values in steps.items():
+                    values.append(verifier.timings[step])
             elapsed += time.perf_counter() - start
             ranking = self.to_position[ids[ids >= 0]]
             rankings.append(apply_exclusions(ranking[ranking >= 0], query))
@@ -141,10 +207,13 @@ class Bench:
             [q.positives for q in self.dataset.queries],
             [q.junk for q in self.dataset.queries],
         )
-        return {
+        out = {
             "mAP": round(float(metrics["mAP"]), 2),
             "query_ms": round(1000.0 * elapsed / len(self.dataset.queries), 2),
         }
+        if verifier is not None:
+            out["verify_ms"] = {k: round(float(np.mean(v)), 1) for k, v in steps.items()}
+        return out
 
     def close(self) -> None:
         self.store.close()
@@ -163,6 +232,8 @@ METHODS: dict[str, Callable[[], Stages]] = {
     "none": lambda: [],
     **{name: (lambda name=name: [create_reranker(name)]) for name in RERANKERS},
 }
+# with --verify: these descriptor-space pipelines again, each followed by verification
+VERIFIED = ("none", "alpha-qe", "dba", "dba+alpha-qe")
 
 
 def tune(benches: list[Bench]) -> list[dict]:
@@ -206,7 +277,10 @@ def main() -> None:
     parser.add_argument("--index-dir", type=Path, default=None, help="reused between runs")
     parser.add_argument("--tune", action="store_true", help="also sweep n, alpha and k")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--verify", action="store_true", help="also geometric verification")
+    parser.add_argument("--local-weights", help="ALIKED checkpoint (aliked-n16.pth)")
     args = parser.parse_args()
+    verify_conf = VERIFY_PRESETS["default"].replace(weights=args.local_weights)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = None
     if args.index_dir is None:
@@ -223,6 +297,7 @@ def main() -> None:
         "settings": {
             "qe": {name: asdict(c) for name, c in QE_PRESETS.items()},
             "dba": {name: asdict(c) for name, c in DBA_PRESETS.items()},
+            "verify": asdict(verify_conf) if args.verify else None,
         },
         "results": [],
     }
@@ -231,20 +306,36 @@ def main() -> None:
         dataset = load_dataset(name, args.data / name)
         bench = Bench(dataset, prepare(dataset, args.index_dir, conf, extractor), conf)
         benches.append(bench)
+        if args.verify:
+            prepare_local(dataset, args.index_dir, bench.prep, verify_conf)
         base = None
-        for method, make in METHODS.items():
+        runs = [(method, make, False) for method, make in METHODS.items()]
+        if args.verify:
+            runs += [(m, METHODS[m], True) for m in VERIFIED]
+        for method, make, verified in runs:
             stages = make()
             build_ms = warm(stages, bench.store)
-            res = bench.run(stages)
+            verifier = GeometricVerifier(bench.store, verify_conf) if verified else None
+            res = bench.run(stages, verifier=verifier)
             base = res["mAP"] if base is None else base
-            row = {"dataset": name, "method": method, **res, "gain": round(res["mAP"] - base, 2)}
+            label = ("" if method == "none" else method + ",") + "verify" if verified else method
+            row = {"dataset": name, "method": label, **res, "gain": round(res["mAP"] - base, 2)}
             if build_ms > 1:
                 row["dba_build_ms"] = round(build_ms, 1)
             row["extract_ms"] = round(bench.prep.extract_ms, 1)
+            if verified:
+                row["local_extract_ms"] = round(bench.prep.local_extract_ms, 1)
+                verifier.close()
             report["results"].append(row)
+            steps = (
+                "  verify " + " ".join(f"{k} {v:.0f}" for k, v in res["verify_ms"].items())
+                if verified
+                else ""
+            )
             print(
-                f"{name:9s} {method:13s} mAP {res['mAP']:5.1f} ({row['gain']:+5.1f})  "
-                f"{res['query_ms']:6.2f} ms/query (+{bench.prep.extract_ms:.0f} ms to describe)",
+                f"{name:9s} {label:20s} mAP {res['mAP']:5.1f} ({row['gain']:+5.1f})  "
+                f"{res['query_ms']:7.2f} ms/query (+{bench.prep.extract_ms:.0f} ms to describe)"
+                f"{steps}",
                 flush=True,
             )
     if args.tune:

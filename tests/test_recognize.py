@@ -210,9 +210,10 @@ class FakeSearcher:
         self.rows = rows
         self.calls: list[tuple[list, int, list | None]] = []
 
-    def search_files(self, paths, k=10, boxes=None):
+    def search_files_verified(self, paths, k=10, boxes=None, rerank=()):
         self.calls.append((list(paths), k, boxes))
-        return np.zeros((len(paths), k), np.float32), np.zeros((len(paths), k), np.int64)
+        shape = (len(paths), k)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.int64), np.full(shape, -1)
 
     def results(self, scores, ids):
         return [row[: scores.shape[1]] for row in self.rows[: len(scores)]]

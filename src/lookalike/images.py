@@ -225,6 +225,11 @@ def _decode(
     return _resize(img, max_side, upscale), (width, height)
 
 
+def crop_image(img: Image.Image, box: Iterable[float], name: str = "<image>") -> Image.Image:
+    """Crop an upright image to ``box`` (x1, y1, x2, y2 pixels) as :func:`load_image` does."""
+    return _crop(img, box, name)
+
+
 def _check_max_side(max_side: int | None) -> int | None:
     try:
         if max_side is None or operator.index(max_side) >= 1:

@@ -21,6 +21,7 @@ from lookalike.extract import ExtractConf, Extractor
 from lookalike.images import IMAGE_EXTENSIONS, Decoded, list_images
 from lookalike.index import ImageRecord, IndexConf, IndexStore, NewImage
 from lookalike.index.manifest import MANIFEST_NAME
+from lookalike.local.conf import VerifyConf
 from lookalike.whitening import learn_whitening
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) unreadable files
     seconds: float = 0.0  # wall time of decoding + describing + committing
     whitening_learned: bool = False
+    local_described: int = 0  # images whose local features were computed (index --local)
 
     @property
     def processed(self) -> int:
@@ -54,14 +56,19 @@ class IndexReport:
 
 
 def open_for_writing(
-    index_dir: str | Path, conf: ExtractConf, index_conf: IndexConf, extractor: Extractor | None
+    index_dir: str | Path,
+    conf: ExtractConf,
+    index_conf: IndexConf,
+    extractor: Extractor | None,
+    local: VerifyConf | None = None,
 ) -> tuple[IndexStore, Extractor | None]:
     """Open (settings checked first, cheaply) or create the index.
 
     The model is loaded only to create a new index (its dimension is needed); for an
     existing one the returned extractor is ``extractor`` as given, possibly None, and is
     made later only if some file needs describing. A new index records ``conf``'s
-    query-time settings (rotations) as its search defaults.
+    query-time settings (rotations) as its search defaults. ``local`` is checked against
+    (and recorded as) the index's local-feature settings before any image is described.
     """
     index_dir = Path(index_dir)
     if extractor is not None and extractor.conf.descriptor() != conf.descriptor():
@@ -70,6 +77,7 @@ def open_for_writing(
         store = IndexStore.open(index_dir, writable=True)
         try:
             store.check_compatible(conf.descriptor(), index_conf)
+            _record_local(store, local)
         except BaseException:
             store.close()
             raise
@@ -80,7 +88,15 @@ def open_for_writing(
     )
     if not store.settings:
         store.set_settings(conf.query_settings())
+    _record_local(store, local)
     return store, extractor
+
+
+def _record_local(store: IndexStore, local: VerifyConf | None) -> None:
+    if local is not None:
+        from lookalike.local.sync import record_conf
+
+        record_conf(store, local)
 
 
 def index_folder(
@@ -94,6 +110,8 @@ def index_folder(
     extractor: Extractor | None = None,
     progress: Progress | None = None,
     chunk: int = 32,
+    local: VerifyConf | None = None,
+    local_progress: Progress | None = None,
 ) -> IndexReport:
     """Bring the index at ``index_dir`` in sync with the images under ``image_dir``.
 
@@ -107,6 +125,10 @@ def index_folder(
         extractor: a ready extractor for ``conf`` (saves loading the model twice).
         progress: called after each committed chunk.
         chunk: files per atomic commit.
+        local: also store local features for verification (``index --local``); recorded in
+            the index, whose later runs keep them current without it. An index that has
+            them must be given the same feature settings (or None).
+        local_progress: called as local features are computed (after the global pass).
     """
     root = Path(image_dir).expanduser().resolve()
     files = list_images(root)
@@ -114,9 +136,13 @@ def index_folder(
         raise LookalikeError(
             f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    store, extractor = open_for_writing(index_dir, conf, index_conf, extractor)
+    store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
-        return _sync(store, conf, extractor, root, files, remove_missing, metadata, progress, chunk)
+        report = _sync(
+            store, conf, extractor, root, files, remove_missing, metadata, progress, chunk
+        )
+        report.local_described = _sync_local(store, local_progress)
+        return report
     finally:
         store.close()
 
@@ -131,13 +157,16 @@ def index_files(
     extractor: Extractor | None = None,
     progress: Progress | None = None,
     chunk: int = 32,
+    local: VerifyConf | None = None,
+    local_progress: Progress | None = None,
 ) -> IndexReport:
     """Bring the index at ``index_dir`` in sync with exactly these image files.
 
     Like :func:`index_folder` for an explicit list (a benchmark's database, say): new and
     changed files are described, unchanged ones skipped; files already indexed but not
     listed are left alone. Paths are resolved to absolute ones and duplicates dropped; a
-    missing or unreadable file is recorded as failed.
+    missing or unreadable file is recorded as failed. ``local`` and ``local_progress`` as
+    for :func:`index_folder`.
 
     Raises:
         LookalikeError: ``paths`` is empty.
@@ -145,9 +174,11 @@ def index_files(
     files = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     if not files:
         raise LookalikeError("no image files given to index")
-    store, extractor = open_for_writing(index_dir, conf, index_conf, extractor)
+    store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
-        return _sync(store, conf, extractor, None, files, False, metadata, progress, chunk)
+        report = _sync(store, conf, extractor, None, files, False, metadata, progress, chunk)
+        report.local_described = _sync_local(store, local_progress)
+        return report
     finally:
         store.close()
 
@@ -246,6 +277,13 @@ def _update_dba(store: IndexStore) -> None:
     from lookalike.rerank.dba import sync_dba
 
     sync_dba(store)
+
+
+def _sync_local(store: IndexStore, progress: Progress | None) -> int:
+    """Bring the local features (recorded by ``--local``) up to date with the images."""
+    from lookalike.local.sync import sync_local
+
+    return sync_local(store, progress=progress)
 
 
 def _metadata_for(

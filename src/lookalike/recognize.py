@@ -262,7 +262,11 @@ class Recognizer:
         min_confidence: abstain below this confidence; 0 never abstains when a labelled
             neighbour exists, except with ``distractor`` (negative when an unlabelled image
             is closer than the best match).
-        verify: optional geometric verification giving inlier counts per neighbour.
+        verify: optional geometric verification giving inlier counts per neighbour (a
+            hook; ``rerank`` with ``"verify"`` uses the searcher's own instead).
+        rerank: re-ranking stages of the search (``Searcher.search_files``); with
+            ``"verify"`` the neighbours are re-ranked by verification and their inlier
+            counts reach the confidence (``"inliers"`` needs them).
     """
 
     def __init__(
@@ -273,6 +277,7 @@ class Recognizer:
         confidence: str = DEFAULT_CONFIDENCE,
         min_confidence: float = 0.0,
         verify: Verifier | None = None,
+        rerank: Sequence[str] = (),
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k (neighbours that vote) must be a positive integer, got {k!r}")
@@ -284,6 +289,12 @@ class Recognizer:
         self.k, self.p, self.confidence = k, float(p), confidence
         self.min_confidence = float(min_confidence)
         self.verify = verify
+        self.rerank = tuple(rerank)
+        if confidence == "inliers" and verify is None and "verify" not in self.rerank:
+            raise ConfigError(
+                "confidence 'inliers' needs geometric verification: add verify to the "
+                "re-ranking stages (--rerank verify) or choose another confidence"
+            )
 
     def predict_hits(
         self, hits: Sequence[Sequence[Hit]], inliers: Sequence[np.ndarray] | None = None
@@ -302,13 +313,26 @@ class Recognizer:
         """Describe, search and recognise query images (cropped to ``boxes``)."""
         if not paths:
             return []
-        scores, ids = self.searcher.search_files(paths, k=self.k, boxes=boxes)
+        scores, ids, verified = self.searcher.search_files_verified(
+            paths, k=self.k, boxes=boxes, rerank=self.rerank
+        )
         results = self.searcher.results(scores, ids)
         inliers = None
-        if self.verify is not None:
+        if "verify" in self.rerank:
+            inliers = [
+                _by_hit(hits, i_row, n_row)
+                for hits, i_row, n_row in zip(results, ids, verified, strict=True)
+            ]
+        elif self.verify is not None:
             boxes = list(boxes) if boxes is not None else [None] * len(paths)
             inliers = [
                 np.asarray(self.verify(Path(path), box, hits), dtype=np.float64)
                 for path, box, hits in zip(paths, boxes, results, strict=True)
             ]
         return self.predict_hits(results, inliers)
+
+
+def _by_hit(hits: Sequence[Hit], ids: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+    """Inlier counts in the order of ``hits`` (0 for a result that was not verified)."""
+    by_id = {int(i): max(int(n), 0) for i, n in zip(ids, inliers, strict=True) if i >= 0}
+    return np.array([by_id.get(h.id, 0) for h in hits], dtype=np.float64)

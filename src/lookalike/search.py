@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +17,14 @@ import numpy as np
 from lookalike.errors import ConfigError
 from lookalike.extract import ExtractConf, Extractor
 from lookalike.index import IndexStore
+from lookalike.local.conf import VerifyConf
 from lookalike.whitening import WhiteningConf
 
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 RERANK_DEPTH = 100  # first-stage results handed to the re-ranking stages
+QUERY_SETTINGS = ("query_rotations", "rotation_penalty")  # index settings that are ExtractConf's
 
 
 @dataclass(frozen=True)
@@ -85,25 +87,31 @@ class Searcher:
         runtime: str = "auto",
         device: str = "auto",
         extractor: Extractor | None = None,
+        verify: VerifyConf | dict | None = None,
     ) -> None:
         self.store = IndexStore.open(index_dir, writable=False)
         settings = self.store.settings  # query defaults recorded when the index was made
-        if "query_rotations" in settings:
-            settings["query_rotations"] = tuple(settings["query_rotations"])
+        query = {k: settings[k] for k in QUERY_SETTINGS if k in settings}
+        if "query_rotations" in query:
+            query["query_rotations"] = tuple(query["query_rotations"])
         self.conf = conf_from_descriptor(
             self.store.manifest["descriptor"],
             runtime=runtime,
             device=device,
             workers=0,
-            **settings,
+            **query,
         )
         if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
             raise ConfigError(
                 f"the extractor's settings differ from those index {index_dir} was built with"
             )
         self._extractor = extractor
+        self._verify_conf = verify
+        self._verifier = None
 
     def close(self) -> None:
+        if self._verifier is not None:
+            self._verifier.close()
         self.store.close()
 
     def __enter__(self) -> Searcher:
@@ -111,6 +119,17 @@ class Searcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def verifier(self):  # -> lookalike.rerank.verify.GeometricVerifier
+        """The ``verify`` stage: the index's local features (``index --local``) and the
+        settings it recorded, updated by the ``verify`` argument; made on first use."""
+        if self._verifier is None:
+            from lookalike.rerank.verify import GeometricVerifier, resolve_conf
+
+            conf = resolve_conf(self.store, self._verify_conf)
+            self._verifier = GeometricVerifier(self.store, conf)
+        return self._verifier
 
     @property
     def extractor(self) -> Extractor:
@@ -135,13 +154,21 @@ class Searcher:
         self, ids: Sequence[int], k: int = 10, rerank: Sequence[str] = ()
     ) -> tuple[np.ndarray, np.ndarray]:
         """Use indexed images as queries (each finds itself first)."""
-        vectors = self.store.vectors(list(ids))
-        stages = self._stages(rerank)
+        return self.search_ids_verified(ids, k, rerank)[:2]
+
+    def search_ids_verified(
+        self, ids: Sequence[int], k: int = 10, rerank: Sequence[str] = ()
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_ids` plus ``(n, k)`` inlier counts (see :meth:`search_files_verified`)."""
+        ids = list(ids)
+        vectors = self.store.vectors(ids)
+        stages, verify = self._stages(rerank)
         k_all = len(self.store) if k <= 0 else k
-        out = [self._rank(v[None], k_all, np.zeros((1, 1), np.float32), stages) for v in vectors]
-        if not out:
-            return np.zeros((0, k_all), np.float32), np.zeros((0, k_all), np.int64)
-        return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+        out = []
+        for image_id, v in zip(ids, vectors, strict=True):
+            query = (lambda i=image_id: self.verifier.features([int(i)])[0]) if verify else None
+            out.append(self._rank(v[None], k_all, np.zeros((1, 1), np.float32), stages, query))
+        return _stack(out, k_all)
 
     def search_files(
         self,
@@ -155,30 +182,51 @@ class Searcher:
 
         Several ``rotations`` (degrees; default: the preset's ``query_rotations``, upright
         first) search each view and keep every result's best score, the rotated views'
-        scores lowered by ``rotation_penalty``. ``rerank`` names re-ranking stages
-        (:data:`lookalike.rerank.RERANKERS`, in order) applied to the top
-        ``RERANK_DEPTH`` first-stage results.
+        scores lowered by ``rotation_penalty``. ``rerank`` names re-ranking stages applied
+        to the top ``RERANK_DEPTH`` first-stage results: the descriptor-space ones
+        (:data:`lookalike.rerank.RERANKERS`) in order, then ``verify`` (geometric
+        verification, :attr:`verifier`) wherever it is listed.
         """
+        return self.search_files_verified(paths, k, boxes, rotations, rerank)[:2]
+
+    def search_files_verified(
+        self,
+        paths: Sequence[str | Path],
+        k: int = 10,
+        boxes: Sequence[Box | None] | None = None,
+        rotations: Sequence[int] | None = None,
+        rerank: Sequence[str] = (),
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_files` plus ``(n, k)`` int64 inlier counts of the results: -1 for
+        results that were not verified (all of them when ``rerank`` has no ``verify``)."""
         boxes = list(boxes) if boxes is not None else [None] * len(paths)
         if len(boxes) != len(paths):
             raise ConfigError(f"{len(paths)} query images but {len(boxes)} boxes")
-        stages = self._stages(rerank)
+        stages, verify = self._stages(rerank)
         k_all = len(self.store) if k <= 0 else k
-        out_s = np.full((len(paths), max(k_all, 0)), -np.inf, np.float32)
-        out_i = np.full((len(paths), max(k_all, 0)), -1, np.int64)
         rots = tuple(self.conf.query_rotations if rotations is None else rotations)
         penalty = np.array([0.0 if r % 360 == 0 else self.conf.rotation_penalty for r in rots])
         penalty = penalty.astype(np.float32)[:, None]
-        for row, (path, box) in enumerate(zip(paths, boxes, strict=True)):
+        out = []
+        for path, box in zip(paths, boxes, strict=True):
             views = self.extractor.extract_query(path, box, rots)
-            out_s[row], out_i[row] = self._rank(views, k_all, penalty, stages)
-        return out_s, out_i
+            query = (lambda p=path, b=box: self.verifier.query_features(p, b)) if verify else None
+            out.append(self._rank(views, k_all, penalty, stages, query))
+        return _stack(out, k_all)
 
     def _rank(
-        self, views: np.ndarray, k: int, penalty: np.ndarray, stages: list
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One query's ``(k,)`` ranking from its raw ``(v, D)`` views (upright first)."""
-        depth = max(k, RERANK_DEPTH) if stages else k
+        self,
+        views: np.ndarray,
+        k: int,
+        penalty: np.ndarray,
+        stages: list,
+        local_query: Callable[[], dict] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One query's ``(k,)`` ranking and inliers from its raw ``(v, D)`` views (upright
+        first); ``local_query`` gives its local features when the ranking is verified."""
+        budget = self.verifier.conf.budget if local_query is not None else 0
+        reranked = bool(stages) or local_query is not None
+        depth = max(k, RERANK_DEPTH, budget) if reranked else k
         scores, ids = self.store.search(views, depth)
         # a rotated view must beat the upright one by a margin: upright photos are the norm
         scores -= penalty
@@ -190,16 +238,21 @@ class Searcher:
             from lookalike.rerank import run_pipeline
 
             query = self.store.index_space(views[:1])[0]
-            scores, ids = run_pipeline(stages, self.store, query, scores, ids, k)
-        return scores[:k], ids[:k]
+            scores, ids = run_pipeline(stages, self.store, query, scores, ids, max(k, budget))
+        inliers = np.full(len(ids), -1, np.int64)
+        if local_query is not None:
+            scores, ids, inliers = self.verifier(local_query(), scores, ids, k)
+        return scores[:k], ids[:k], inliers[:k]
 
-    def _stages(self, names: Sequence[str]) -> list:
-        """The descriptor-space re-ranking stages for ``names`` (none: no re-ranking)."""
+    def _stages(self, names: Sequence[str]) -> tuple[list, bool]:
+        """The descriptor-space stages for ``names`` and whether ``verify`` is among them."""
         if not names:
-            return []
+            return [], False
         from lookalike.rerank import descriptor_pipeline
+        from lookalike.rerank.verify import check_stage_names
 
-        return descriptor_pipeline(list(names))
+        descriptor, verify = check_stage_names(list(names))
+        return descriptor_pipeline(descriptor), verify
 
     def results(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Join ``(n, k)`` search output to paths and metadata (``-1`` entries dropped)."""
@@ -214,6 +267,17 @@ class Searcher:
                     hits.append(Hit(len(hits) + 1, rec.id, rec.path, float(s), rec.metadata))
             out.append(hits)
         return out
+
+
+def _stack(rows: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, ...]:
+    """Per-query ``(scores, ids, inliers)`` rows as ``(n, k)`` arrays (n may be 0)."""
+    if not rows:
+        return (
+            np.zeros((0, max(k, 0)), np.float32),
+            np.zeros((0, max(k, 0)), np.int64),
+            np.zeros((0, max(k, 0)), np.int64),
+        )
+    return tuple(np.stack([r[j] for r in rows]) for j in range(3))
 
 
 def hit_to_dict(hit: Hit) -> dict:

@@ -1,4 +1,4 @@
-"""The ``lookalike`` command: index, search, recognize, remove, info, eval, presets.
+"""The ``lookalike`` command: index, search, recognize, match, remove, info, eval, presets.
 
 Thin by design: each command parses its options, calls one stage (``indexing``, ``search``,
 ``recognize``, ``index``, ``evaluate``) and formats the result. The parser and :func:`main`
@@ -21,9 +21,12 @@ from pathlib import Path
 
 from lookalike.cli.eval_commands import DATASET_KINDS, cmd_eval, cmd_presets
 from lookalike.cli.index_commands import cmd_index, cmd_info, cmd_remove
+from lookalike.cli.local_commands import cmd_match
 from lookalike.cli.options import (
     DEVICES,
+    LOCAL_CHOICES,
     add_descriptor_options,
+    add_local_options,
     int_at_least,
     parse_box,
     parse_rotations,
@@ -41,6 +44,11 @@ from lookalike.cli.ui import Ui, configure_logging, print_error, silence_stdout,
 from lookalike.errors import LookalikeError
 
 __all__ = ["build_parser", "main", "parse_box", "parse_rotations"]
+
+RERANK_HELP = (
+    "re-ranking stages, comma-separated: aqe, alpha-qe, dba (descriptor space, in order) "
+    "and verify (local features + RANSAC, always last), e.g. dba,alpha-qe,verify"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(paths relative to DIR); already indexed images are relabelled in place",
     )
     add_descriptor_options(p)
+    add_local_options(p, at_index=True)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", parents=[common], help="find the indexed images most alike")
@@ -86,13 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
     p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="indexed ids")
     p.add_argument("--rotations", help="query angles searched, e.g. 0,90,270 (default: preset)")
-    p.add_argument(
-        "--rerank",
-        default="",
-        help="re-ranking stages in order, e.g. alpha-qe or dba,alpha-qe (aqe, alpha-qe, dba)",
-    )
+    p.add_argument("--rerank", default="", help=RERANK_HELP)
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per query")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    add_local_options(p, at_index=False)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -123,9 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="abstain (label '-', null in JSON) below this confidence (%(default)s)",
     )
     p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
+    p.add_argument(
+        "--rerank", default="", help=RERANK_HELP + "; verify gives the inliers confidence"
+    )
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per image")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    add_local_options(p, at_index=False)
     p.set_defaults(func=cmd_recognize)
+
+    p = sub.add_parser(
+        "match", parents=[common], help="verify two images and draw their inlier matches"
+    )
+    p.add_argument("images", nargs=2, type=Path, metavar="IMAGE", help="the two image files")
+    p.add_argument("--out", type=Path, metavar="PNG", help="write the match overlay here")
+    p.add_argument(
+        "--local",
+        choices=LOCAL_CHOICES,
+        default="aliked",
+        metavar="NAME",
+        help="local features: " + ", ".join(LOCAL_CHOICES) + " (%(default)s)",
+    )
+    p.add_argument("--local-weights", metavar="PATH", help="ALIKED checkpoint (aliked-n16.pth)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_match)
 
     p = sub.add_parser("remove", parents=[common], help="remove images by id or path")
     p.add_argument("--index", type=Path, required=True, help="index directory")

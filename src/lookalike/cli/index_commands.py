@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lookalike.cli.options import extract_conf, index_conf, manifest_of
+from lookalike.cli.options import extract_conf, index_conf, index_verify_conf, manifest_of
 from lookalike.cli.ui import Ui, print_warning
 from lookalike.errors import ConfigError
 
@@ -34,6 +34,7 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
     manifest = manifest_of(args.index)
     _, conf = extract_conf(args, manifest)
     ic = index_conf(args, manifest)
+    local = index_verify_conf(args)
     with ui.bars() as bars:
         report = index_folder(
             args.dir,
@@ -44,6 +45,8 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
             metadata=labels,
             progress=bars.callback("indexing", "img"),
             chunk=args.chunk,
+            local=local,
+            local_progress=bars.callback("local features", "img"),
         )
     relabelled = relabel(args.index, args.dir, labels) if labels is not None else None
     print(f"index {Path(args.index).expanduser().resolve()} <- {args.dir.expanduser().resolve()}")
@@ -67,6 +70,8 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
     print(f"  {'seconds':<10} {report.seconds:.2f}")
     print(f"  {'images/s':<10} {report.images_per_second:.1f}")
     print(f"  {'whitening':<10} {'learned' if report.whitening_learned else 'not learned'}")
+    if report.local_described:
+        print(f"  {'local':<10} {report.local_described} images described")
     if report.missing:
         print(f"  ({report.missing} indexed files are gone from disk; --remove-missing drops them)")
     if relabelled is not None and relabelled[1] == 0:
@@ -130,9 +135,11 @@ def cmd_remove(args: argparse.Namespace, ui: Ui) -> int:
         else:
             asked = len(set(args.paths))
             removed = store.remove_paths([form for p in args.paths for form in path_forms(p)])
+        from lookalike.local.sync import sync_local
         from lookalike.rerank.dba import sync_dba
 
         sync_dba(store)  # keep a stored DBA correct
+        sync_local(store, compute=False)  # and forget the removed images' local features
     print(f"removed {removed} image{'s' if removed != 1 else ''} from {args.index}")
     if removed < asked:
         print(f"({asked - removed} of the {asked} given were not in the index)")

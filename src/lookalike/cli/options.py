@@ -17,9 +17,14 @@ from lookalike.errors import ConfigError, IndexStateError
 if TYPE_CHECKING:
     from lookalike.extract import ExtractConf
     from lookalike.index import IndexConf
+    from lookalike.local.conf import VerifyConf
 
 DESCRIPTOR_OPTIONS = ("model", "weights", "image_size", "pooling")  # ExtractConf fields
 DEVICES = ("auto", "cpu", "cuda")
+# Spelled out so that `lookalike --help` imports no OpenCV; tests compare them with the
+# registries (lookalike.local.LOCAL_FEATURES, lookalike.local.FUSIONS).
+LOCAL_CHOICES = ("sift", "rootsift", "orb", "akaze", "aliked")
+FUSION_CHOICES = ("inliers", "sim_sqrt_inliers", "sim_plus_inliers")
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -121,3 +126,88 @@ def index_conf(args: argparse.Namespace, manifest: dict | None) -> IndexConf:
     if args.index_preset is not None:
         return get_index_conf(args.index_preset)
     return IndexConf.from_dict(manifest["index"]) if manifest is not None else IndexConf()
+
+
+def add_local_options(p: argparse.ArgumentParser, at_index: bool) -> None:
+    """Local-feature options: what ``index --local`` stores, how ``verify`` matches."""
+    g = p.add_argument_group("local features and geometric verification")
+    if at_index:
+        g.add_argument(
+            "--local",
+            choices=LOCAL_CHOICES,
+            metavar="NAME",
+            help="also store local features for `search --rerank verify`: "
+            + ", ".join(LOCAL_CHOICES)
+            + " (aliked is the measured default; kept current by later runs)",
+        )
+        g.add_argument("--local-keypoints", type=int_at_least(1), help="keypoints per image")
+        g.add_argument("--local-side", type=int_at_least(32), help="detector long side, px")
+    else:
+        g.add_argument(
+            "--local",
+            choices=LOCAL_CHOICES,
+            metavar="NAME",
+            help="local features for verify when the index has none: computed on first "
+            "use and cached in the index (default: the index's, else aliked)",
+        )
+        g.add_argument("--verify-budget", type=int_at_least(1), help="top results verified (100)")
+        g.add_argument("--fusion", choices=FUSION_CHOICES, help="verified score (sim_plus_inliers)")
+    g.add_argument(
+        "--local-weights",
+        metavar="PATH",
+        help="ALIKED checkpoint (aliked-n16.pth); default: kornia downloads it",
+    )
+
+
+def local_weights(args: argparse.Namespace) -> str | None:
+    if args.local_weights is None:
+        return None
+    path = Path(args.local_weights).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"--local-weights {args.local_weights}: no such file")
+    return str(path)
+
+
+def index_verify_conf(args: argparse.Namespace) -> VerifyConf | None:
+    """What ``index --local NAME [...]`` asks to store; None without ``--local``."""
+    from lookalike.local.conf import local_preset
+
+    if args.local is None:
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k in ("local_keypoints", "local_side", "local_weights")
+            if getattr(args, k) is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --local NAME")
+        return None
+    conf = local_preset(args.local)
+    changes = {
+        "max_keypoints": args.local_keypoints,
+        "max_side": args.local_side,
+        "weights": local_weights(args),
+    }
+    return conf.replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+def verify_overrides(args: argparse.Namespace) -> dict:
+    """Changes that ``search`` / ``recognize`` options make to the index's verify settings."""
+    from lookalike.local.conf import local_preset
+
+    changes: dict[str, object] = {}
+    if args.local is not None:
+        preset = local_preset(args.local)
+        for key in ("features", "max_keypoints", "max_side", "ratio"):
+            changes[key] = getattr(preset, key)
+    if args.local_weights is not None:
+        changes["weights"] = local_weights(args)
+    if args.verify_budget is not None:
+        changes["budget"] = args.verify_budget
+    if args.fusion is not None:
+        changes["fusion"] = args.fusion
+    return changes
+
+
+def parse_rerank(text: str) -> list[str]:
+    """``"dba,alpha-qe,verify"`` -> stage names (validated when the searcher builds them)."""
+    return [name.strip() for name in text.split(",") if name.strip()]

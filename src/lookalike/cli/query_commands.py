@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lookalike.cli.options import parse_box, parse_rotations
+from lookalike.cli.options import parse_box, parse_rerank, parse_rotations, verify_overrides
 from lookalike.cli.ui import Ui, print_warning, stdout_console
 from lookalike.errors import ConfigError
 
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 # Recognition defaults, spelled out here so that `lookalike --help` imports no torch; the
 # tests check them against lookalike.recognize.
-CONFIDENCE_CHOICES = ("vote", "share", "margin", "top1", "distractor")  # CONFIDENCE keys,
-#   less "inliers" (needs geometric verification, which the command line does not run)
+CONFIDENCE_CHOICES = ("vote", "share", "margin", "top1", "distractor", "inliers")  # CONFIDENCE
+#   keys; "inliers" needs --rerank ...,verify
 DEFAULT_CONFIDENCE = "vote"  # recognize.DEFAULT_CONFIDENCE
 DEFAULT_K = 10  # recognize.DEFAULT_K
 DEFAULT_P = 8.0  # recognize.DEFAULT_P
@@ -32,11 +32,15 @@ DEFAULT_MIN_CONFIDENCE = 0.0  # Recognizer(min_confidence=...)
 NEIGHBOURS_SHOWN = 3  # neighbours listed per image in the `recognize` table
 
 
-def hit_json(hit: Hit) -> dict:
-    """A hit as printed by ``--json``: scores rounded to 6 decimals (float32 precision)."""
+def hit_json(hit: Hit, inliers: int | None = None) -> dict:
+    """A hit as printed by ``--json``: scores rounded to 6 decimals (float32 precision),
+    plus its verified inlier count when it was verified."""
     from lookalike.search import hit_to_dict
 
-    return {**hit_to_dict(hit), "score": round(hit.score, 6)}
+    out = {**hit_to_dict(hit), "score": round(hit.score, 6)}
+    if inliers is not None and inliers >= 0:
+        out["inliers"] = int(inliers)
+    return out
 
 
 def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
@@ -46,9 +50,10 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
         raise ConfigError("nothing to search: give query IMAGE files and/or --id IDS")
     box = parse_box(args.box) if args.box else None
     rotations = parse_rotations(args.rotations) if args.rotations else None
-    rerank = [name.strip() for name in args.rerank.split(",") if name.strip()]
-    answers: list[tuple[str, list[Hit]]] = []
-    with Searcher(args.index, device=args.device) as searcher:
+    rerank = parse_rerank(args.rerank)
+    verified = "verify" in rerank
+    answers: list[tuple[str, list[Hit], list[int]]] = []
+    with Searcher(args.index, device=args.device, verify=verify_overrides(args)) as searcher:
         records = searcher.store.get(args.ids)
         for image_id, record in zip(args.ids, records, strict=True):
             if record is None:
@@ -61,32 +66,48 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
         with ui.bars() as bars:
             update = bars.callback("searching", "query") if len(args.images) > 1 else None
             for done, path in enumerate(args.images, 1):
-                scores, ids = searcher.search_files([path], args.k, [box], rotations, rerank)
-                answers.append((str(path), searcher.results(scores, ids)[0]))
+                scores, ids, inliers = searcher.search_files_verified(
+                    [path], args.k, [box], rotations, rerank
+                )
+                hits = searcher.results(scores, ids)[0]
+                answers.append((str(path), hits, _inliers_of(hits, ids[0], inliers[0])))
                 if update:
                     update(done, len(args.images))
         if args.ids:
-            scores, ids = searcher.search_ids(args.ids, args.k, rerank)
-            hits = searcher.results(scores, ids)
-            answers.extend((r.path, h) for r, h in zip(records, hits, strict=True))
+            scores, ids, inliers = searcher.search_ids_verified(args.ids, args.k, rerank)
+            for row, (record, hits) in enumerate(
+                zip(records, searcher.results(scores, ids), strict=True)
+            ):
+                answers.append((record.path, hits, _inliers_of(hits, ids[row], inliers[row])))
     if args.json:
-        for query, hits in answers:
-            results = [hit_json(h) for h in hits]
+        for query, hits, inl in answers:
+            results = [hit_json(h, n) for h, n in zip(hits, inl, strict=True)]
             print(json.dumps({"query": query, "results": results}, ensure_ascii=False))
         return 0
     from rich.table import Table
 
     console = stdout_console()
-    for query, hits in answers:
+    for query, hits, inl in answers:
         table = Table(title=f"{query}: {len(hits)} results", title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
+        if verified:
+            table.add_column("inliers", justify="right")
         table.add_column("id", justify="right")
         table.add_column("path", overflow="fold")
-        for hit in hits:
-            table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.id), hit.path)
+        for hit, n in zip(hits, inl, strict=True):
+            cells = [str(hit.rank), f"{hit.score:.4f}"]
+            if verified:
+                cells.append(str(n) if n >= 0 else "-")
+            table.add_row(*cells, str(hit.id), hit.path)
         console.print(table)
     return 0
+
+
+def _inliers_of(hits: list[Hit], ids, inliers) -> list[int]:
+    """The inlier count of each hit (-1: not verified), matched by id."""
+    by_id = {int(i): int(n) for i, n in zip(ids, inliers, strict=True) if i >= 0}
+    return [by_id.get(h.id, -1) for h in hits]
 
 
 def has_labels(store: IndexStore) -> bool:
@@ -113,13 +134,14 @@ def cmd_recognize(args: argparse.Namespace, ui: Ui) -> int:
 
     box = parse_box(args.box) if args.box else None
     answers: list[tuple[str, Prediction]] = []
-    with Searcher(args.index, device=args.device) as searcher:
+    with Searcher(args.index, device=args.device, verify=verify_overrides(args)) as searcher:
         recognizer = Recognizer(
             searcher,
             k=args.k,
             p=args.p,
             confidence=args.confidence,
             min_confidence=args.min_confidence,
+            rerank=parse_rerank(args.rerank),
         )
         if not has_labels(searcher.store):
             print_warning(

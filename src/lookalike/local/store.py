@@ -576,6 +576,13 @@ class LocalFeatureStore:
             rows = self._conn.execute("SELECT id FROM features ORDER BY id").fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    def tags(self) -> dict[int, str | None]:
+        """Every stored image id and its tag (what :func:`lookalike.local.sync` compares)."""
+        with self._mutex:
+            self._check_open()
+            rows = self._conn.execute("SELECT id, tag FROM features").fetchall()
+        return {int(i): t for i, t in rows}
+
     def stats(self) -> dict[str, int]:
         """``{"images", "live_bytes", "file_bytes"}``: compact when much of the file is dead."""
         with self._mutex, self._snapshot():

@@ -1,0 +1,42 @@
+"""``lookalike match A B --out PNG``: verify one pair of images and draw the inliers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lookalike.cli.options import local_weights
+from lookalike.cli.ui import Ui
+
+
+def cmd_match(args: argparse.Namespace, ui: Ui) -> int:
+    from lookalike.local.conf import local_preset
+    from lookalike.local.pair import match_files
+
+    conf = local_preset(args.local)
+    weights = local_weights(args)
+    if weights is not None:
+        conf = conf.replace(weights=weights)
+    a, b = args.images
+    result = match_files(a, b, conf, args.out)
+    v = result.verification
+    n0, n1 = (len(f["keypoints"]) for f in result.features)
+    if args.json:
+        out = {
+            "images": [str(a), str(b)],
+            "features": conf.features,
+            "keypoints": [n0, n1],
+            "tentative": v.tentative,
+            "inliers": v.inliers,
+            "model": None if v.model is None else v.model.tolist(),
+            "png": None if result.png is None else str(result.png),
+        }
+        print(json.dumps(out))
+        return 0
+    print(f"{a} <-> {b}")
+    print(f"  features   {conf.features}: {n0} and {n1} keypoints")
+    print(f"  matches    {v.tentative} (mutual nearest neighbours, ratio {conf.ratio})")
+    print(f"  inliers    {v.inliers} ({conf.model}, {conf.method}, {conf.threshold_px:g} px)")
+    if result.png is not None:
+        print(f"  overlay    {result.png}")
+    return 0

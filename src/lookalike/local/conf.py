@@ -1,0 +1,131 @@
+"""Settings of geometric verification: which local features, how they are matched and fused.
+
+:class:`VerifyConf` has two halves. The *feature* fields (``features``, ``max_keypoints``,
+``max_side``, ``weights``) define what an index stores under ``<index>/local`` and are fixed
+when the index is built with ``lookalike index --local NAME``; the *matching* fields
+(``ratio`` .. ``fusion``) apply at query time and may change from one search to the next.
+
+Presets were chosen with ``benchmarks/verify.py`` (tables in docs/benchmarks.md): ALIKED at
+512 px with 512 keypoints, ratio 0.9 and a 16 px homography threshold re-ranks Oxford5k's
+top 100 from 69.7 to 81.6 mAP at ~125 ms per query; RootSIFT at 1024 px is the best on
+Holidays (93.5) but 3-4x slower to match and worse on Oxford (76.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lookalike.errors import ConfigError
+from lookalike.local.features import default_local_settings, local_feature_class
+from lookalike.local.matching import FUSIONS, METHODS, MIN_MATCHES
+
+
+@dataclass(frozen=True)
+class VerifyConf:
+    """Local features and geometric verification of a shortlist."""
+
+    # -- features: fixed per index (stored in <index>/local) -------------------------------
+    features: str = "aliked"  # local extractor, a LOCAL_FEATURES key
+    max_keypoints: int = 512  # keypoints kept per image, best score first
+    max_side: int = 512  # long side, px, the detector sees; a cropped query is detected at
+    #   the scale of its whole image
+    weights: str | None = None  # ALIKED checkpoint (aliked-n16.pth); None: kornia downloads
+    #   the official one on first use (needs internet)
+    # -- matching: query time ---------------------------------------------------------------
+    ratio: float = 0.9  # Lowe's ratio on descriptor distances; 1.0 switches the test off
+    model: str = "homography"  # geometric model: "homography" or "fundamental"
+    method: str = "magsac"  # robust estimator, a key of local.matching.METHODS
+    threshold_px: float = 16.0  # inlier threshold, pixels of the candidate's original image
+    budget: int = 100  # top candidates verified; the others keep their order below them
+    fusion: str = "sim_plus_inliers"  # how similarity and inliers make the score, a FUSIONS
+    #   key ("sim_sqrt_inliers" is the seeds' similarity * sqrt(inliers))
+    device: str = "cpu"  # where a learned extractor runs: "cpu", "cuda", "auto"
+
+    def __post_init__(self) -> None:
+        local_feature_class(self.features)  # unknown names list the valid ones
+        for name in ("max_keypoints", "max_side", "budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_side < 32:
+            raise ConfigError(f"max_side must be at least 32 pixels, got {self.max_side}")
+        if not (isinstance(self.ratio, int | float) and 0.0 < self.ratio <= 1.0):
+            raise ConfigError(f"ratio must be in (0, 1] (1 switches it off), got {self.ratio!r}")
+        if self.model not in MIN_MATCHES:
+            raise ConfigError(f"unknown model {self.model!r}; valid: {', '.join(MIN_MATCHES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if not (isinstance(self.threshold_px, int | float) and self.threshold_px > 0):
+            raise ConfigError(f"threshold_px must be positive, got {self.threshold_px!r}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}")
+        if self.weights is not None and self.features != "aliked":
+            raise ConfigError(f"local features {self.features!r} take no weights (only aliked)")
+
+    def replace(self, **changes: Any) -> VerifyConf:
+        """A copy with ``changes``; an unknown field raises ``ConfigError``."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise ConfigError(f"unknown verify settings {unknown}; valid: {sorted(fields)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VerifyConf:
+        """The inverse of :meth:`to_dict`; unknown keys raise ``ConfigError``."""
+        return cls().replace(**data)
+
+    def feature_settings(self) -> dict[str, Any]:
+        """:meth:`LocalExtractor.settings` of the extractor this makes (without building it)."""
+        settings = default_local_settings(self.features)
+        settings.update(max_keypoints=self.max_keypoints, max_side=self.max_side)
+        return settings
+
+    @property
+    def quantize(self) -> bool:
+        """Whether the stored descriptors are quantised (RootSIFT as uint8: lossless enough)."""
+        return self.features == "rootsift"
+
+    def create_extractor(self):  # -> LocalExtractor (lazy import keeps torch out)
+        """The local feature extractor these settings describe."""
+        from lookalike.local.features import create_local_extractor
+
+        weights = Path(self.weights).expanduser() if self.weights else None
+        return create_local_extractor(
+            self.features, self.max_keypoints, self.max_side, self.device, weights
+        )
+
+
+VERIFY_PRESETS: dict[str, VerifyConf] = {
+    # best on Oxford5k and 4x cheaper to match than RootSIFT@1024 (benchmarks/verify.py)
+    "default": VerifyConf(),
+    # the seeds' fusion, kept for comparison: 0.8 mAP below the default on Oxford5k
+    "seeds": VerifyConf(fusion="sim_sqrt_inliers"),
+    # no learned weights needed; best on Holidays (93.5), 76.4 on Oxford, ~330-480 ms/query
+    "rootsift": VerifyConf(features="rootsift", max_keypoints=1024, max_side=1024, ratio=0.8),
+}
+
+
+def get_verify_preset(name: str) -> VerifyConf:
+    """A :data:`VERIFY_PRESETS` entry; ``ConfigError`` listing the names otherwise."""
+    try:
+        return VERIFY_PRESETS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown verify preset {name!r}; valid: {', '.join(VERIFY_PRESETS)}"
+        ) from None
+
+
+def local_preset(features: str) -> VerifyConf:
+    """The preset for local features ``features``: ``default`` for aliked, ``rootsift`` for
+    rootsift, else the default settings with those features."""
+    for conf in VERIFY_PRESETS.values():
+        if conf.features == features:
+            return conf
+    return VerifyConf(features=features)

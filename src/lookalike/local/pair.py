@@ -1,0 +1,72 @@
+"""Verify one pair of image files: what ``lookalike match A B --out PNG`` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.images import load_image
+from lookalike.local.conf import VerifyConf
+from lookalike.local.draw import draw_matches
+from lookalike.local.features import KEYPOINTS, LocalExtractor
+from lookalike.local.matching import Verification, verify_pair
+
+
+@dataclass
+class PairMatch:
+    """The verification of two image files."""
+
+    verification: Verification  # inliers, inlier matches, fitted model
+    features: tuple[dict, dict]  # local features of image 0 and image 1 (original pixels)
+    png: Path | None  # the overlay written, if asked for
+
+
+def match_files(
+    path0: str | Path,
+    path1: str | Path,
+    conf: VerifyConf | None = None,
+    out_png: str | Path | None = None,
+    extractor: LocalExtractor | None = None,
+) -> PairMatch:
+    """Detect, match and verify two images; optionally draw their inlier matches.
+
+    Args:
+        path0, path1: image files (any format :func:`~lookalike.images.load_image` reads).
+        conf: local features and matching settings (its ``features``, ``ratio``, ``model``,
+            ``method`` and ``threshold_px`` apply); None: the ``default`` preset.
+        out_png: where to draw ``image0 | image1`` with a line per inlier match.
+        extractor: a ready extractor for ``conf``.
+
+    Raises:
+        ImageError: a file cannot be read; ConfigError: bad settings or weights.
+    """
+    conf = conf or VerifyConf()
+    images = [np.asarray(load_image(p)) for p in (path0, path1)]
+    extractor = extractor or conf.create_extractor()
+    feats0, feats1 = (extractor(image) for image in images)
+    result = verify_pair(
+        feats0,
+        feats1,
+        ratio=conf.ratio,
+        model=conf.model,
+        method=conf.method,
+        threshold_px=conf.threshold_px,
+    )
+    png = None
+    if out_png is not None:
+        title = (
+            f"{result.inliers} inliers of {result.tentative} matches "
+            f"({conf.features}, {conf.model})"
+        )
+        png = draw_matches(
+            images[0],
+            images[1],
+            feats0[KEYPOINTS],
+            feats1[KEYPOINTS],
+            result.inlier_matches,
+            out_png,
+            title=title,
+        )
+    return PairMatch(result, (feats0, feats1), png)

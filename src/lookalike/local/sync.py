@@ -1,0 +1,179 @@
+"""Keep an index's local features in step with its images.
+
+An index built with ``lookalike index --local NAME`` records its :class:`VerifyConf` in its
+settings (key :data:`LOCAL_KEY`) and stores the local features of every searchable image in
+``<index>/local`` (:class:`~lookalike.local.store.LocalFeatureStore`), each tagged with the
+content hash of the image it describes. :func:`sync_local` brings the store in line with
+the index after any change: features of removed images are dropped, those of new or updated
+images (no record, or another content hash) are computed. It is idempotent and resumable:
+an indexing run killed between the index commit and the local features is completed by the
+next run, and until then a search computes what it misses (:mod:`lookalike.rerank.verify`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lookalike.errors import ConfigError
+from lookalike.images import decode_many
+from lookalike.local.conf import VerifyConf
+from lookalike.local.store import LOCAL_DIR, MANIFEST_NAME, LocalFeatureStore
+
+if TYPE_CHECKING:
+    from lookalike.index import IndexStore
+    from lookalike.local.features import LocalExtractor
+
+logger = logging.getLogger(__name__)
+
+LOCAL_KEY = "local"  # index settings entry holding the VerifyConf the index was built with
+CHUNK = 32  # images per local-feature commit
+
+Progress = Callable[[int, int], None]
+
+
+def recorded_conf(store: IndexStore) -> VerifyConf | None:
+    """The :class:`VerifyConf` recorded in the index, or None (built without ``--local``)."""
+    data = store.settings.get(LOCAL_KEY)
+    return None if data is None else VerifyConf.from_dict(data)
+
+
+def record_conf(store: IndexStore, conf: VerifyConf) -> None:
+    """Record ``conf`` as the index's local-feature settings (index open for writing).
+
+    Raises:
+        ConfigError: the index already stores local features made with other settings.
+    """
+    old = recorded_conf(store)
+    if old is not None and old.feature_settings() != conf.feature_settings():
+        have, want = old.feature_settings(), conf.feature_settings()
+        diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+        raise ConfigError(
+            f"index {store.path} stores local features with "
+            + ", ".join(f"{k}={have.get(k)!r}" for k in diff)
+            + "; asked for "
+            + ", ".join(f"{k}={want.get(k)!r}" for k in diff)
+            + f". Use the same settings, or delete {store.path / LOCAL_DIR} and index again"
+        )
+    if old != conf:
+        store.set_settings({**store.settings, LOCAL_KEY: conf.to_dict()})
+
+
+def has_local_store(index_dir: str | Path) -> bool:
+    return (Path(index_dir) / LOCAL_DIR / MANIFEST_NAME).is_file()
+
+
+def open_local_store(
+    index_dir: str | Path, conf: VerifyConf, create: bool = True
+) -> LocalFeatureStore:
+    """The local feature store of an index for ``conf``'s features (checked against it)."""
+    return LocalFeatureStore(
+        index_dir, conf.features, conf.feature_settings(), quantize=conf.quantize, create=create
+    )
+
+
+def stale_ids(store: IndexStore, local: LocalFeatureStore) -> tuple[list[int], list[int]]:
+    """``(ids to compute, ids to drop)``: searchable images without up-to-date features, and
+    stored features of images that are gone or failed."""
+    tags = local.tags()
+    live = {r.id: r.content_hash for r in store.records(status="ok")}
+    todo = [i for i, h in live.items() if i not in tags or tags[i] != h]
+    drop = [i for i in tags if i not in live]
+    return sorted(todo), sorted(drop)
+
+
+def sync_local(
+    store: IndexStore,
+    conf: VerifyConf | None = None,
+    extractor: LocalExtractor | None = None,
+    progress: Progress | None = None,
+    workers: int = 2,
+    compute: bool = True,
+) -> int:
+    """Make ``<index>/local`` match the index; returns the number of images described.
+
+    Args:
+        store: the index, open for writing.
+        conf: local-feature settings; None uses the recorded ones (an index without them
+            and without a local store is left alone). Given, they are recorded.
+        extractor: a ready extractor for ``conf`` (saves loading a model).
+        progress: called with (done, to do) after each committed chunk.
+        workers: decoding processes (0: decode in this process).
+        compute: describe new and changed images; False only drops removed ones.
+    """
+    if conf is not None:
+        record_conf(store, conf)
+    else:
+        conf = recorded_conf(store)
+    if conf is None:
+        if has_local_store(store.path):  # made lazily by searches: only forget removed images
+            _prune_lazy(store)
+        return 0
+    with open_local_store(store.path, conf) as local:
+        todo, drop = stale_ids(store, local)
+        if drop:
+            local.remove(drop)
+            logger.info("dropped the local features of %d removed images", len(drop))
+        if not compute:
+            todo = []
+        if todo:
+            extractor = extractor or conf.create_extractor()
+            describe_into(local, store, todo, extractor, progress, workers)
+        stats = local.stats()
+        if drop and stats["live_bytes"] < stats["file_bytes"] // 2:  # mostly dead bytes
+            local.compact()
+    return len(todo)
+
+
+def _prune_lazy(store: IndexStore) -> None:
+    """Drop features of removed images from a store whose settings the index did not record."""
+    import json
+
+    manifest = json.loads((store.path / LOCAL_DIR / MANIFEST_NAME).read_text(encoding="utf-8"))
+    with LocalFeatureStore(store.path, manifest["extractor"]["name"], create=False) as local:
+        _, drop = stale_ids(store, local)
+        local.remove(drop)
+
+
+def describe_into(
+    local: LocalFeatureStore,
+    store: IndexStore,
+    ids: list[int],
+    extractor: LocalExtractor,
+    progress: Progress | None = None,
+    workers: int = 2,
+) -> None:
+    """Compute and store the local features of indexed images ``ids`` from their files.
+
+    A file that cannot be read any more gets empty features (it cannot be verified; the
+    next indexing run records the failure), so a search does not try it again and again.
+    """
+    records = [r for r in store.get(ids) if r is not None]
+    paths = [r.path for r in records]
+    if progress:
+        progress(0, len(records))
+    batch: list[tuple[int, dict]] = []
+    tags: list[str | None] = []
+    decoded = decode_many(paths, extractor.max_side, workers=workers if len(paths) > 8 else 0)
+    for done, (record, d) in enumerate(zip(records, decoded, strict=True), 1):
+        batch.append((record.id, describe_decoded(extractor, d)))
+        tags.append(record.content_hash)
+        if len(batch) >= CHUNK or done == len(records):
+            local.put_many(batch, tags)
+            batch, tags = [], []
+            if progress:
+                progress(done, len(records))
+
+
+def describe_decoded(extractor: LocalExtractor, decoded) -> dict:
+    """Local features of one :class:`~lookalike.images.Decoded` image, in original pixels."""
+    from lookalike.local.features import empty_features
+
+    if decoded.error is not None or decoded.image is None:
+        logger.warning("no local features for %s: %s", decoded.path, decoded.error)
+        return empty_features(extractor.dim, extractor.binary)
+    return extractor(np.asarray(decoded.image), (decoded.width, decoded.height))
