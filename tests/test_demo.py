@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,10 @@ def test_demo_end_to_end(
     out = capsys.readouterr().out
     assert f"top-1 accuracy: {result.accuracy:.1%}" in out
     assert "✓" in out
+    # one verified pair drawn: an edited copy and the original it found
+    assert result.match_png is not None and result.match_png.stat().st_size > 1000
+    inliers = int(re.search(r"(\d+) inliers of \d+ RootSIFT matches", out).group(1))
+    assert inliers >= 20
 
     # running it again re-syncs the existing index instead of failing
     assert demo.main(tmp_path / "out", k=3) == 0

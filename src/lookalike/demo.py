@@ -116,6 +116,7 @@ class DemoResult:
     queries: list[QueryResult] = field(default_factory=list)
     report: IndexReport | None = None  # what indexing the collection did
     seconds: float = 0.0  # wall time of the whole run
+    match_png: Path | None = None  # the inlier matches of one query and its top result
 
     @property
     def accuracy(self) -> float:
@@ -322,6 +323,7 @@ def run_demo(
         title=f"lookalike demo: top-{k} of {len(query_paths)} edited copies",
         truth=is_match,
     )
+    _draw_one_match(console, result)
     result.seconds = time.perf_counter() - start
     n_right = sum(q.correct for q in result.queries)
     console.print(
@@ -329,6 +331,26 @@ def run_demo(
         f"results page: {result.html}; total {result.seconds:.1f} s"
     )
     return result
+
+
+def _draw_one_match(console: Console, result: DemoResult) -> None:
+    """Verify one edited copy against the image it found and draw the inlier matches.
+
+    RootSIFT needs no downloaded weights, so the demo stays offline.
+    """
+    from lookalike.local.conf import VERIFY_PRESETS
+    from lookalike.local.pair import match_files
+
+    found = [q for q in result.queries if q.correct and q.transform in ("rot12", "crop")]
+    if not found:
+        return
+    query = found[0]
+    result.match_png = result.out_dir / "match.png"
+    pair = match_files(query.path, query.hits[0].path, VERIFY_PRESETS["rootsift"], result.match_png)
+    v = pair.verification
+    console.print(f"geometric verification of {query.path.name} with its top result:")
+    console.print(f"  {v.inliers} inliers of {v.tentative} RootSIFT matches")
+    console.print(f"  drawn in {result.match_png}", highlight=False)
 
 
 def _print_results(console: Console, result: DemoResult) -> None:
