@@ -1,6 +1,7 @@
 """Recognition benchmark: Oxford landmarks among Holidays distractors, GAP and rejection.
 
-    .venv/bin/python benchmarks/recognition.py --data ../shared/data [--out bench_out]
+    .venv/bin/python benchmarks/recognition.py --data ../shared/data [--out bench_out] \
+        [--verify --local-weights ../shared/data/weights/aliked-n16.pth]
 
 Gallery: the 845 Oxford images, labelled by landmark (an image in the good or ok list of a
 landmark's queries takes that landmark; junk-only images stay unlabelled), plus the 805
@@ -16,6 +17,12 @@ confidence option, p and k is then evaluated from the cache in a second (``--reb
 ``new_photos``, a stress test where each query's own image is dropped from its neighbours
 (a new photo of a known landmark; a Holidays query meets only its scene-mates). Results go
 to ``bench_out/recognition.json``.
+
+``--verify`` also stores the gallery's local features (``index --local aliked``, the
+``default`` verify preset) and searches every query again with ``--rerank verify``: the
+neighbours are re-ranked by geometric verification (their scores become similarity + the
+inlier bonus, so verified neighbours dominate the vote) and the ``inliers`` confidence is
+scored too (``recognition-hits-verify.json``, section ``verify`` of the report).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import csv
 import json
 import platform
 import re
+import shutil
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
@@ -37,6 +45,7 @@ from lookalike.evaluate.metrics import global_average_precision
 from lookalike.extract import get_preset
 from lookalike.indexing import index_files
 from lookalike.labels import label_of, labels_from_csv
+from lookalike.local.conf import VERIFY_PRESETS, VerifyConf
 from lookalike.recognize import CONFIDENCE, DEFAULT_CONFIDENCE, DEFAULT_P, predict
 from lookalike.search import Hit, Searcher
 
@@ -69,8 +78,11 @@ def landmark_of_query(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
-def build(data: Path, out: Path, rebuild: bool) -> tuple[Path, list[dict]]:
-    """Write the label CSV, index the gallery (resumable), list the queries."""
+def build(
+    data: Path, out: Path, rebuild: bool, local: VerifyConf | None
+) -> tuple[Path, list[dict]]:
+    """Write the label CSV, index the gallery (resumable; with local features when
+    ``local`` is given), list the queries."""
     oxford = load_dataset("oxford5k", data / "oxford5k")
     holidays = load_dataset("holidays", data / "holidays")
     landmarks = oxford_landmarks(data / "oxford5k" / "gt_files")
@@ -81,17 +93,22 @@ def build(data: Path, out: Path, rebuild: bool) -> tuple[Path, list[dict]]:
         for p in oxford.images:
             w.writerow([str(p.resolve()), landmarks.get(p.stem, "")])
     index_dir = out / "recognition-index"
-    if rebuild or not (index_dir / "manifest.json").exists():
-        gallery = list(oxford.images) + list(holidays.images)
-        t = time.perf_counter()
-        report = index_files(
-            gallery, index_dir, get_preset("default"), metadata=labels_from_csv(csv_path)
-        )
-        print(
-            f"indexed {report.added + report.updated} images ({len(report.failed)} failed) "
-            f"in {time.perf_counter() - t:.0f} s",
-            flush=True,
-        )
+    if rebuild and index_dir.exists():
+        shutil.rmtree(index_dir)
+    gallery = list(oxford.images) + list(holidays.images)
+    t = time.perf_counter()
+    report = index_files(
+        gallery,
+        index_dir,
+        get_preset("default"),
+        metadata=labels_from_csv(csv_path),
+        local=local,
+    )
+    print(
+        f"indexed {report.added + report.updated} images ({len(report.failed)} failed), "
+        f"local features of {report.local_described}, in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
     queries = [
         {
             "name": q.name,
@@ -110,36 +127,45 @@ def build(data: Path, out: Path, rebuild: bool) -> tuple[Path, list[dict]]:
     return index_dir, queries
 
 
-def search(index_dir: Path, queries: list[dict]) -> dict:
-    """Top-SEARCH_K neighbours of every query, as JSON-ready rows."""
+def search(index_dir: Path, queries: list[dict], rerank: tuple[str, ...] = ()) -> dict:
+    """Top-SEARCH_K neighbours of every query (with their inliers when verified)."""
+    queries = [dict(q) for q in queries]
     with Searcher(index_dir) as searcher:
         t = time.perf_counter()
-        scores, ids = searcher.search_files(
+        scores, ids, inliers = searcher.search_files_verified(
             [q["image"] for q in queries],
             k=SEARCH_K,
             boxes=[tuple(q["box"]) if q["box"] else None for q in queries],
+            rerank=rerank,
         )
         seconds = time.perf_counter() - t
         results = searcher.results(scores, ids)
         n_labelled = sum(label_of(r.metadata) is not None for r in searcher.store.records("ok"))
         gallery = len(searcher)
-    for q, hits in zip(queries, results, strict=True):
-        q["hits"] = [[h.id, round(h.score, 6), h.path, label_of(h.metadata)] for h in hits]
+    for q, hits, i_row, n_row in zip(queries, results, ids, inliers, strict=True):
+        by_id = {int(i): int(n) for i, n in zip(i_row, n_row, strict=True)}
+        q["hits"] = [
+            [h.id, round(h.score, 6), h.path, label_of(h.metadata), by_id.get(h.id, -1)]
+            for h in hits
+        ]
     return {
         "gallery": gallery,
         "labelled": n_labelled,
         "query_ms": 1000 * seconds / len(queries),
+        "rerank": list(rerank),
         "queries": queries,
     }
 
 
-def to_hits(rows: list, drop_path: str | None = None) -> list[Hit]:
+def to_hits(rows: list, drop_path: str | None = None) -> tuple[list[Hit], np.ndarray]:
+    """Cached rows -> hits and their inlier counts (-1: not verified)."""
+    kept = [row for row in rows if row[2] != drop_path]
     hits = [
-        Hit(0, i, path, score, {"label": label} if label else {})
-        for i, score, path, label in rows
-        if path != drop_path
+        Hit(r + 1, row[0], row[2], row[1], {"label": row[3]} if row[3] else {})
+        for r, row in enumerate(kept)
     ]
-    return [Hit(r + 1, h.id, h.path, h.score, h.metadata) for r, h in enumerate(hits)]
+    inliers = np.array([row[4] if len(row) > 4 else -1 for row in kept], dtype=np.float64)
+    return hits, inliers
 
 
 def evaluate(
@@ -152,8 +178,9 @@ def evaluate(
     """
     preds, confs, truths, kinds = [], [], [], []
     for q in queries:
-        hits = to_hits(q["hits"], q["image"] if q["kind"] in drop_self else None)
-        pred = predict(hits[:k], p=p, confidence=method)
+        hits, inliers = to_hits(q["hits"], q["image"] if q["kind"] in drop_self else None)
+        verified = inliers[:k] if (inliers[:k] >= 0).all() and len(hits) else None
+        pred = predict(hits[:k], p=p, confidence=method, inliers=verified)
         preds.append(pred.label)
         confs.append(pred.confidence)
         truths.append(q["label"])
@@ -218,40 +245,56 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--rebuild", action="store_true", help="index the gallery again")
     parser.add_argument("--research", action="store_true", help="search the queries again")
+    parser.add_argument("--verify", action="store_true", help="also with --rerank verify")
+    parser.add_argument("--local-weights", help="ALIKED checkpoint (aliked-n16.pth)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    cache = args.out / "recognition-hits.json"
-    if args.rebuild or args.research or not cache.exists():
-        index_dir, queries = build(args.data, args.out, args.rebuild)
-        searched = search(index_dir, queries)
-        cache.write_text(json.dumps(searched))
-        print(f"searched {len(queries)} queries, {searched['query_ms']:.0f} ms/query", flush=True)
-    searched = json.loads(cache.read_text())
-    queries = searched["queries"]
-    print(
-        f"gallery {searched['gallery']} images ({searched['labelled']} labelled), "
-        f"{len(queries)} queries, search {searched['query_ms']:.0f} ms/query (cached)"
-    )
-
-    methods = [m for m in CONFIDENCE if m != "inliers"]  # no local features in this run
+    local = VERIFY_PRESETS["default"].replace(weights=args.local_weights) if args.verify else None
+    runs = {"plain": ((), args.out / "recognition-hits.json")}
+    if args.verify:
+        runs["verify"] = (("verify",), args.out / "recognition-hits-verify.json")
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {platform.node()}",
         "preset": "default",
-        "gallery": searched["gallery"],
-        "labelled": searched["labelled"],
-        "queries": {"oxford": 55, "holidays": len(queries) - 55},
-        "query_ms": round(searched["query_ms"], 1),
         "default": {"confidence": DEFAULT_CONFIDENCE, "p": DEFAULT_P, "k": MAIN_K},
     }
-    for variant, drop in VARIANTS.items():
-        rows = [evaluate(queries, MAIN_K, p, m, drop) for m in methods for p in PS]
-        k_rows = [evaluate(queries, k, DEFAULT_P, DEFAULT_CONFIDENCE, drop) for k in KS]
-        print(f"\n{variant}: every confidence option and p, k = {MAIN_K}")
-        print_table(rows)
-        print(f"{variant}: default {DEFAULT_CONFIDENCE!r}, p = {DEFAULT_P:g}, k swept")
-        print_table(k_rows)
-        report[variant] = {"results": rows, "k_sweep": k_rows}
+    built = None
+    for run, (rerank, cache) in runs.items():
+        if args.rebuild or args.research or not cache.exists():
+            if built is None:
+                built = build(args.data, args.out, args.rebuild, local)
+            searched = search(*built, rerank=rerank)
+            cache.write_text(json.dumps(searched))
+            print(
+                f"{run}: searched {len(searched['queries'])} queries, "
+                f"{searched['query_ms']:.0f} ms/query",
+                flush=True,
+            )
+        searched = json.loads(cache.read_text())
+        queries = searched["queries"]
+        print(
+            f"\n== {run}: gallery {searched['gallery']} images ({searched['labelled']} labelled), "
+            f"{len(queries)} queries, search {searched['query_ms']:.0f} ms/query (cached)"
+        )
+        verified = "verify" in rerank
+        methods = [m for m in CONFIDENCE if verified or m != "inliers"]
+        section = {
+            "rerank": list(rerank),
+            "gallery": searched["gallery"],
+            "labelled": searched["labelled"],
+            "queries": {"oxford": 55, "holidays": len(queries) - 55},
+            "query_ms": round(searched["query_ms"], 1),
+        }
+        for variant, drop in VARIANTS.items():
+            rows = [evaluate(queries, MAIN_K, p, m, drop) for m in methods for p in PS]
+            k_rows = [evaluate(queries, k, DEFAULT_P, DEFAULT_CONFIDENCE, drop) for k in KS]
+            print(f"\n{run} / {variant}: every confidence option and p, k = {MAIN_K}")
+            print_table(rows)
+            print(f"{run} / {variant}: default {DEFAULT_CONFIDENCE!r}, p = {DEFAULT_P:g}, k swept")
+            print_table(k_rows)
+            section[variant] = {"results": rows, "k_sweep": k_rows}
+        report[run] = section
     (args.out / "recognition.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out / 'recognition.json'}")
 

@@ -9,6 +9,7 @@ is the verification stage, not the global descriptor.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -391,6 +392,12 @@ def test_cli_index_local_search_verify_and_remove(collection, tmp_path, capsys):
     rc, out, err = cli(capsys, *args, "--local", "sift", "--local-side", "320")
     assert rc == 0, err
     assert summary(out)["local"] == f"{len(NAMES)} images described"
+    rc, out, err = cli(capsys, "info", "--index", index, "--json")
+    local = json.loads(out)["local"]
+    assert local["extractor"]["name"] == "sift" and local["extractor"]["max_side"] == 320
+    assert local["images"] == len(NAMES) and local["recorded"] is True
+    rc, out, err = cli(capsys, "info", "--index", index)
+    assert re.search(r"local +sift \(512 keypoints at 320 px\): 5 images", out)
     rc, out, err = cli(
         capsys, "search", "--index", index, collection["warped"], "-k", "3", "--rerank",
         "verify", "--json", "--verify-budget", "2",

@@ -160,7 +160,30 @@ def index_info(store: IndexStore) -> dict:
         "created": manifest.get("created"),
         "updated": manifest.get("updated"),
         "versions": manifest.get("versions", {}),
+        "local": local_info(store),
         "failed": failed,
+    }
+
+
+def local_info(store: IndexStore) -> dict | None:
+    """The index's local features (``index --local``, or cached by searches), or None."""
+    import json as _json
+
+    from lookalike.local.store import LOCAL_DIR, MANIFEST_NAME, LocalFeatureStore
+    from lookalike.local.sync import recorded_conf
+
+    path = store.path / LOCAL_DIR / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    settings = _json.loads(path.read_text(encoding="utf-8"))["extractor"]
+    with LocalFeatureStore(store.path, settings["name"], create=False) as local:
+        stats = local.stats()
+    conf = recorded_conf(store)
+    return {
+        "extractor": settings,
+        "images": stats["images"],
+        "bytes": stats["file_bytes"],
+        "recorded": conf is not None,  # kept current by `index` runs (index --local)
     }
 
 
@@ -191,6 +214,17 @@ def cmd_info(args: argparse.Namespace, ui: Ui) -> int:
         ("updated", info["updated"]),
         ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())),
     ]
+    if info["local"] is not None:
+        loc = info["local"]
+        ex = loc["extractor"]
+        rows.append(
+            (
+                "local",
+                f"{ex['name']} ({ex['max_keypoints']} keypoints at {ex['max_side']} px): "
+                f"{loc['images']} images, {loc['bytes'] / 1e6:.1f} MB"
+                + ("" if loc["recorded"] else " (cached by searches)"),
+            )
+        )
     for key, value in rows:
         print(f"{key:<11} {value}")
     if info["failed"]:

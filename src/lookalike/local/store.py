@@ -47,20 +47,8 @@ import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.files import TMP_SUFFIX, atomic_write_bytes, fsync_dir, remove_durably
-from lookalike.local.encoding import (
-    KPT_SCALE,
-    library_versions,
-    storage_encoding,
-)
-from lookalike.local.features import (
-    DESCRIPTORS,
-    IMAGE_SIZE,
-    KEYPOINTS,
-    SCORES,
-    default_local_settings,
-    local_feature_class,
-    top_k,
-)
+from lookalike.local.encoding import RecordCodec, library_versions, storage_encoding
+from lookalike.local.features import default_local_settings, local_feature_class
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +126,14 @@ class LocalFeatureStore:
         self.binary = bool(self.settings["binary"])
         self.max_keypoints = int(self.settings["max_keypoints"])
         storage = self.manifest["storage"]
-        self._dtype = np.dtype(storage["descriptors"])
-        self._scale = storage["scale"]
+        self._codec = RecordCodec(
+            name,
+            self.dim,
+            self.binary,
+            self.max_keypoints,
+            np.dtype(storage["descriptors"]),
+            storage["scale"],
+        )
         self._conn = self._connect(create=False)
 
     # -- opening ---------------------------------------------------------------------------
@@ -299,75 +293,9 @@ class LocalFeatureStore:
     def _set_kv(self, key: str, value: object) -> None:
         self._conn.execute("UPDATE kv SET value = ? WHERE key = ?", (str(value), key))
 
-    # -- encoding -------------------------------------------------------------------------
-
     def record_bytes(self, n: int) -> int:
         """Bytes of a record of ``n`` keypoints, padding included."""
-        raw = n * (4 + 2 + self.dim * self._dtype.itemsize)
-        return (raw + 7) // 8 * 8
-
-    def _encode(self, feats: dict) -> tuple[bytes, int, int, int]:
-        """``(record, n, width, height)``; ``ValueError`` for malformed features."""
-        if not isinstance(feats, dict):
-            raise ValueError(f"features must be a dict, got {type(feats).__name__}")
-        try:
-            kpts = np.asarray(feats[KEYPOINTS], dtype=np.float32)
-            desc = np.asarray(feats[DESCRIPTORS])
-            width, height = (int(v) for v in feats[IMAGE_SIZE])
-        except KeyError as error:
-            raise ValueError(f"features lack the {error.args[0]!r} entry") from None
-        n = len(kpts)
-        scores = np.asarray(feats.get(SCORES, np.zeros(n)), dtype=np.float32)
-        if kpts.ndim != 2 or kpts.shape[1] != 2 or scores.shape != (n,):
-            raise ValueError(
-                f"keypoints must be (N, 2) and scores (N,), got {kpts.shape}, {scores.shape}"
-            )
-        if desc.shape != (n, self.dim):
-            raise ValueError(f"descriptors must be ({n}, {self.dim}), got {desc.shape}")
-        if self.binary != (desc.dtype == np.uint8):
-            raise ValueError(
-                f"{self.name} descriptors must be {'uint8' if self.binary else 'float'}, got "
-                f"{desc.dtype}"
-            )
-        if n and (width < 1 or height < 1):
-            raise ValueError(f"image_size must be positive (width, height), got {width, height}")
-        if not (np.isfinite(kpts).all() and np.isfinite(scores).all()):
-            raise ValueError("keypoints and scores must be finite")
-        # best first, so that the first k keypoints of a record are its top k
-        keep = top_k(scores, self.max_keypoints)
-        kpts, scores, desc, n = kpts[keep], scores[keep], desc[keep], len(keep)
-        size = np.array([width, height], np.float32)
-        kq = np.clip(np.rint((kpts + 0.5) / size * KPT_SCALE), 0, KPT_SCALE).astype(np.uint16)
-        if self._dtype == np.uint8 and not self.binary:
-            desc = np.clip(np.rint(desc.astype(np.float32) * self._scale), 0, 255)
-        parts = [
-            kq.tobytes(),
-            scores.astype(np.float16).tobytes(),
-            desc.astype(self._dtype).tobytes(),
-        ]
-        record = b"".join(parts)
-        return record + bytes(self.record_bytes(n) - len(record)), n, width, height
-
-    def _decode(self, buf: np.ndarray, n: int, width: int, height: int, k: int) -> dict:
-        """The feature dict of the first ``k`` keypoints of a record of ``n``."""
-        row = self.dim * self._dtype.itemsize
-        kq = buf[: 4 * k].view(np.uint16).reshape(k, 2)
-        scores = buf[4 * n : 4 * n + 2 * k].view(np.float16)
-        desc = buf[6 * n : 6 * n + k * row].view(self._dtype).reshape(k, self.dim)
-        size = np.array([width, height], np.float32)
-        kpts = kq.astype(np.float32) * (size / KPT_SCALE) - 0.5
-        if not self.binary:
-            desc = desc.astype(np.float32)
-            if self._scale not in (None, 1.0):
-                desc *= np.float32(1.0 / self._scale)
-        else:
-            desc = desc.copy()  # detach from the map, which a compaction may replace
-        return {
-            KEYPOINTS: kpts,
-            DESCRIPTORS: desc,
-            SCORES: scores.astype(np.float32),
-            IMAGE_SIZE: (width, height),
-        }
+        return self._codec.record_bytes(n)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -397,7 +325,7 @@ class LocalFeatureStore:
             raise ValueError("an image id appears twice in one put_many() batch; pass it once")
         if not items:
             return
-        encoded = [self._encode(f) for _, f in items]
+        encoded = [self._codec.encode(f) for _, f in items]
         with self._mutex, self._write():
             name, end = self._kv("data_file"), int(self._kv("data_end"))
             rows, offset = [], end
@@ -552,7 +480,7 @@ class LocalFeatureStore:
                     offset, n, width, height, _ = row
                     k = n if max_keypoints is None else min(n, max(0, int(max_keypoints)))
                     buf = data[offset : offset + self.record_bytes(n)]
-                    out.append(self._decode(np.asarray(buf), n, width, height, k))
+                    out.append(self._codec.decode(np.asarray(buf), n, width, height, k))
                 return out
         raise AssertionError("unreachable")
 
