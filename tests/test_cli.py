@@ -570,10 +570,16 @@ def test_info_and_presets_human_output(small_index, capsys):
     assert fields["pooling"] == get_preset("default").pooling
     assert fields["images"] == "6 ok, 0 error"
     assert fields["factory"] == "Flat"
+    assert "local" not in fields  # built without --local, never verified
     rc, out, _ = cli(capsys, "presets")
     assert rc == 0
     for name in ("default", "fast", "exact", "hnsw", "IVF1024,PQ32"):
         assert name in out
+    from lookalike.local.conf import VERIFY_PRESETS
+    from lookalike.rerank import RERANKERS
+
+    for name in (*RERANKERS, "verify", *VERIFY_PRESETS, "sim_sqrt_inliers"):
+        assert re.search(rf"│ {re.escape(name)} +│", out) or name in out, name
 
 
 # -- 6. eval ---------------------------------------------------------------------------------

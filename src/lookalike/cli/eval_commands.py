@@ -89,7 +89,28 @@ def cmd_presets(args: argparse.Namespace, ui: Ui) -> int:
         index.add_column(column)
     for name, ic in INDEX_PRESETS.items():
         index.add_row(name, ic.factory, str(ic.nprobe), str(ic.ef_search))
+    from lookalike.local.conf import VERIFY_PRESETS
+    from lookalike.rerank import DBA_PRESETS, QE_PRESETS
+
+    rerank = Table(title="re-ranking stages (--rerank a,b,...)", title_justify="left")
+    for column in ("stage", "settings"):
+        rerank.add_column(column)
+    for name, qe in QE_PRESETS.items():
+        rerank.add_row(name, show(vars(qe)))
+    for name, dba in DBA_PRESETS.items():
+        rerank.add_row(name, show({k: v for k, v in vars(dba).items() if v is not None}))
+    rerank.add_row("verify", "local features + MAGSAC++ on the top `budget`, always last")
+    verify = Table(
+        title="verify presets (index --local NAME picks the one for NAME)", title_justify="left"
+    )
+    columns = ("features", "max_keypoints", "max_side", "ratio", "model", "threshold_px")
+    for column in ("name", *columns, "budget", "fusion"):
+        verify.add_column(column)
+    for name, vc in VERIFY_PRESETS.items():
+        verify.add_row(name, *(show(getattr(vc, c)) for c in (*columns, "budget", "fusion")))
     console = stdout_console()
     console.print(extract)
     console.print(index)
+    console.print(rerank)
+    console.print(verify)
     return 0
