@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import cv2
@@ -25,7 +26,7 @@ from lookalike.index import IndexStore
 from lookalike.indexing import index_folder
 from lookalike.local import LocalFeatureStore, fuse_scores
 from lookalike.local.conf import VERIFY_PRESETS, VerifyConf, get_verify_preset, local_preset
-from lookalike.local.sync import recorded_conf, stale_ids, sync_local
+from lookalike.local.sync import record_conf, recorded_conf, stale_ids, sync_local
 from lookalike.recognize import Recognizer
 from lookalike.rerank.verify import NOT_VERIFIED, GeometricVerifier, check_stage_names
 from lookalike.search import Searcher
@@ -247,12 +248,27 @@ def test_verify_composes_with_descriptor_stages(collection):
         s, i, n = searcher.search_files_verified(
             [collection["warped"]], k=3, rerank=["alpha-qe", "verify"]
         )
-        _, plain_i = searcher.search_files([collection["warped"]], k=3, rerank=["alpha-qe"])
+        # reference: the verify stage applied by hand to the alpha-qe ranking of all images
+        qe_s, qe_i = searcher.search_files([collection["warped"]], k=0, rerank=["alpha-qe"])
+        query = searcher.verifier.query_features(collection["warped"])
+        ref_s, ref_i, ref_n = searcher.verifier(query, qe_s[0], qe_i[0], 3)
         top = Path(searcher.results(s, i)[0][0].path).name
     assert top == "astronaut.png"
+    assert i[0].tolist() == ref_i.tolist() and n[0].tolist() == ref_n.tolist()
+    np.testing.assert_allclose(s[0], ref_s, rtol=1e-6)
     assert (n >= 0).all()  # budget 100 > k: every result returned was verified
-    assert set(i[0].tolist()) <= set(range(len(NAMES)))
-    assert sorted(i[0].tolist()) != [] and plain_i.shape == i.shape
+
+
+def test_k_all_and_a_small_budget_put_verified_results_first(collection):
+    with Searcher(collection["index"], verify={"budget": 2}) as searcher:
+        plain_s, plain_i = searcher.search_files([collection["warped"]], k=0)
+        s, i, n = searcher.search_files_verified([collection["warped"]], k=0, rerank=["verify"])
+    assert i.shape == (1, len(NAMES)) and sorted(i[0].tolist()) == sorted(plain_i[0].tolist())
+    assert (n[0, :2] >= 0).all() and (n[0, 2:] == NOT_VERIFIED).all()
+    assert set(i[0, :2].tolist()) == set(plain_i[0, :2].tolist())  # the budget: top 2
+    assert i[0, 2:].tolist() == plain_i[0, 2:].tolist()  # the rest keep their order
+    np.testing.assert_allclose(s[0, 2:], plain_s[0, 2:], rtol=1e-6)
+    assert (np.diff(s[0]) <= 1e-6).all()  # sim_plus_inliers keeps scores descending
 
 
 def test_query_without_local_features_keeps_the_global_order(collection):
@@ -338,6 +354,25 @@ def test_unwritable_index_keeps_computed_features_in_memory(collection, tmp_path
     assert not (index / "local").exists()
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_store_that_refuses_writes_falls_back_to_memory(collection, tmp_path, monkeypatch):
+    index = tmp_path / "plain"
+    index_folder(collection["base"] / "photos", index, CONF)
+    with Searcher(index, verify=SIFT.replace(budget=2)) as searcher:  # creates local/, caches 2
+        searcher.search_files_verified([collection["warped"]], 2, rerank=["verify"])
+
+    def readonly(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(LocalFeatureStore, "put_many", readonly)
+    with Searcher(index, verify=SIFT) as searcher:
+        s, i, _ = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
+        assert searcher.verifier.timings["features"] > 0  # 3 computed, kept in memory
+        again = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
+        assert searcher.verifier.timings["features"] == 0.0
+        assert Path(searcher.results(s, i)[0][0].path).name == "astronaut.png"
+    np.testing.assert_array_equal(again[1], i)
 
 
 def test_aliked_verification_when_the_weights_are_on_disk(tmp_path):
@@ -431,6 +466,9 @@ def test_cli_local_option_errors(collection, tmp_path, capsys):
         "verify,nope",
     )  # fmt: skip
     assert rc == 2 and "nope" in err and "aqe" in err
+    rc, _, err = cli(capsys, "search", "--index", collection["index"], collection["warped"],
+                     "--fusion", "inliers")  # fmt: skip
+    assert rc == 2 and "--fusion apply to verification: add --rerank verify" in err
 
 
 def test_cli_match_draws_the_inliers(collection, tmp_path, capsys):
@@ -477,5 +515,64 @@ def test_store_is_left_consistent_when_a_candidate_file_is_gone(collection, tmp_
         paths = [Path(h.path).name for h in searcher.results(s, i)[0]]
     assert paths[0] == "astronaut.png"
     assert n[0, paths.index("coffee.png")] == 0  # unreadable: no features, no inliers
+    with IndexStore.open(tmp_path / "idx") as store:
+        coffee = store.find_path(str((photos / "coffee.png").resolve())).id
+        live = {r.id: r.content_hash for r in store.records("ok")}
+    with LocalFeatureStore(tmp_path / "idx", "sift", create=False) as local:
+        tags = local.tags()
+    assert coffee not in tags  # not stored: the next indexing run settles the file
+    assert tags == {i: h for i, h in live.items() if i != coffee}
     with pytest.raises(IndexStateError):
         LocalFeatureStore(tmp_path / "idx", "orb", create=False)  # the store holds sift
+
+
+def test_changed_file_features_are_not_stored_under_the_old_hash(collection, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(collection["base"] / "photos", photos)
+    index_folder(photos, tmp_path / "idx", CONF)
+    photo("chelsea", 320).save(photos / "coffee.png")  # changed after indexing
+    with Searcher(tmp_path / "idx", verify=SIFT) as searcher:
+        searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
+        coffee = searcher.store.find_path(str((photos / "coffee.png").resolve())).id
+    with LocalFeatureStore(tmp_path / "idx", "sift", create=False) as local:
+        assert coffee not in local and len(local) == len(NAMES) - 1
+    report = index_folder(photos, tmp_path / "idx", CONF, local=SIFT)  # the next run settles it
+    assert report.updated == 1 and report.local_described == 1
+    with LocalFeatureStore(tmp_path / "idx", "sift", create=False) as local:
+        assert coffee in local
+
+
+def test_new_settings_after_deleting_the_local_features(collection, tmp_path):
+    index = _copy_index(collection, tmp_path)
+    photos = collection["base"] / "photos"
+    orb = VerifyConf(features="orb", max_side=320)
+    with pytest.raises(ConfigError, match=r"delete .*local"):
+        index_folder(photos, index, CONF, local=orb)
+    shutil.rmtree(index / "local")  # what the message says
+    report = index_folder(photos, index, CONF, local=orb)
+    assert report.local_described == len(NAMES)
+    with IndexStore.open(index) as store:
+        assert recorded_conf(store) == orb
+
+
+def test_local_features_cached_by_searches_give_way_to_index_local(collection, tmp_path):
+    index = tmp_path / "plain"
+    index_folder(collection["base"] / "photos", index, CONF)
+    orb = {"features": "orb", "max_side": 320, "budget": 2}
+    with Searcher(index, verify=orb) as searcher:
+        searcher.search_files_verified([collection["warped"]], 2, rerank=["verify"])
+    with LocalFeatureStore(index, "orb", create=False) as local:
+        assert len(local) == 2  # only the candidates verified
+    report = index_folder(collection["base"] / "photos", index, CONF, local=SIFT)
+    assert report.local_described == len(NAMES)
+    with LocalFeatureStore(index, "sift", create=False) as local:
+        assert len(local) == len(NAMES)
+
+
+def test_recorded_weights_are_kept_when_none_are_given(tmp_path):
+    write_photos(tmp_path / "p", names=("coffee",))
+    index_folder(tmp_path / "p", tmp_path / "idx", CONF)
+    with IndexStore.open(tmp_path / "idx", writable=True) as store:
+        record_conf(store, VerifyConf(weights="/models/aliked-n16.pth"))
+        record_conf(store, VerifyConf(budget=50))
+        assert recorded_conf(store) == VerifyConf(weights="/models/aliked-n16.pth", budget=50)

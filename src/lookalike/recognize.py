@@ -265,8 +265,10 @@ class Recognizer:
         verify: optional geometric verification giving inlier counts per neighbour (a
             hook; ``rerank`` with ``"verify"`` uses the searcher's own instead).
         rerank: re-ranking stages of the search (``Searcher.search_files``); with
-            ``"verify"`` the neighbours are re-ranked by verification and their inlier
-            counts reach the confidence (``"inliers"`` needs them).
+            ``"verify"`` the neighbours are re-ranked by verification, vote with their
+            fused scores (similarity + inlier bonus: a verified neighbour outvotes
+            unverified ones) and their inlier counts reach the confidence (``"inliers"``
+            needs them).
     """
 
     def __init__(

@@ -167,15 +167,12 @@ def index_info(store: IndexStore) -> dict:
 
 def local_info(store: IndexStore) -> dict | None:
     """The index's local features (``index --local``, or cached by searches), or None."""
-    import json as _json
-
-    from lookalike.local.store import LOCAL_DIR, MANIFEST_NAME, LocalFeatureStore
+    from lookalike.local.store import LocalFeatureStore, stored_extractor
     from lookalike.local.sync import recorded_conf
 
-    path = store.path / LOCAL_DIR / MANIFEST_NAME
-    if not path.is_file():
+    settings = stored_extractor(store.path)
+    if settings is None:
         return None
-    settings = _json.loads(path.read_text(encoding="utf-8"))["extractor"]
     with LocalFeatureStore(store.path, settings["name"], create=False) as local:
         stats = local.stats()
     conf = recorded_conf(store)

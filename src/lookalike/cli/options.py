@@ -186,15 +186,27 @@ def index_verify_conf(args: argparse.Namespace) -> VerifyConf | None:
         "max_keypoints": args.local_keypoints,
         "max_side": args.local_side,
         "weights": local_weights(args),
+        "device": args.device,
     }
     return conf.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
-def verify_overrides(args: argparse.Namespace) -> dict:
-    """Changes that ``search`` / ``recognize`` options make to the index's verify settings."""
+def verify_overrides(args: argparse.Namespace, rerank: list[str]) -> dict:
+    """Changes that ``search`` / ``recognize`` options make to the index's verify settings.
+
+    Raises:
+        ConfigError: verification options without ``verify`` among the ``rerank`` stages.
+    """
     from lookalike.local.conf import local_preset
 
-    changes: dict[str, object] = {}
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in ("local", "local_weights", "verify_budget", "fusion")
+        if getattr(args, k) is not None
+    ]
+    if given and "verify" not in rerank:
+        raise ConfigError(f"{', '.join(given)} apply to verification: add --rerank verify")
+    changes: dict[str, object] = {"device": args.device}
     if args.local is not None:
         preset = local_preset(args.local)
         for key in ("features", "max_keypoints", "max_side", "ratio"):

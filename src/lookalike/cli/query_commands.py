@@ -53,7 +53,8 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
     rerank = parse_rerank(args.rerank)
     verified = "verify" in rerank
     answers: list[tuple[str, list[Hit], list[int]]] = []
-    with Searcher(args.index, device=args.device, verify=verify_overrides(args)) as searcher:
+    verify = verify_overrides(args, rerank)
+    with Searcher(args.index, device=args.device, verify=verify) as searcher:
         records = searcher.store.get(args.ids)
         for image_id, record in zip(args.ids, records, strict=True):
             if record is None:
@@ -134,14 +135,16 @@ def cmd_recognize(args: argparse.Namespace, ui: Ui) -> int:
 
     box = parse_box(args.box) if args.box else None
     answers: list[tuple[str, Prediction]] = []
-    with Searcher(args.index, device=args.device, verify=verify_overrides(args)) as searcher:
+    rerank = parse_rerank(args.rerank)
+    verify = verify_overrides(args, rerank)
+    with Searcher(args.index, device=args.device, verify=verify) as searcher:
         recognizer = Recognizer(
             searcher,
             k=args.k,
             p=args.p,
             confidence=args.confidence,
             min_confidence=args.min_confidence,
-            rerank=parse_rerank(args.rerank),
+            rerank=rerank,
         )
         if not has_labels(searcher.store):
             print_warning(

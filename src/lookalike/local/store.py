@@ -72,6 +72,27 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+def stored_extractor(index_dir: str | Path) -> dict | None:
+    """The extractor settings of the local features of an index, None when it has none.
+
+    Raises:
+        IndexStateError: ``<index>/local/manifest.json`` exists but cannot be read.
+    """
+    path = Path(index_dir) / LOCAL_DIR / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))["extractor"]
+        if not isinstance(settings.get("name"), str):
+            raise ValueError("no extractor name")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise IndexStateError(
+            f"cannot read {path} ({error}); delete {path.parent} and compute the local "
+            "features again"
+        ) from None
+    return settings
+
+
 class LocalFeatureStore:
     """Local features of the images of one index, keyed by image id.
 

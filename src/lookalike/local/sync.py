@@ -13,6 +13,7 @@ next run, and until then a search computes what it misses (:mod:`lookalike.reran
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ import numpy as np
 from lookalike.errors import ConfigError
 from lookalike.images import decode_many
 from lookalike.local.conf import VerifyConf
-from lookalike.local.store import LOCAL_DIR, MANIFEST_NAME, LocalFeatureStore
+from lookalike.local.store import LOCAL_DIR, MANIFEST_NAME, LocalFeatureStore, stored_extractor
 
 if TYPE_CHECKING:
     from lookalike.index import IndexStore
@@ -45,20 +46,33 @@ def recorded_conf(store: IndexStore) -> VerifyConf | None:
 def record_conf(store: IndexStore, conf: VerifyConf) -> None:
     """Record ``conf`` as the index's local-feature settings (index open for writing).
 
+    Called before any image is described. Weights not given (None) keep the recorded path.
+    Local features cached by searches of an index built without ``--local`` are only a
+    cache: when they were made with other settings they are deleted.
+
     Raises:
-        ConfigError: the index already stores local features made with other settings.
+        ConfigError: the index stores local features made with other settings (delete
+            ``<index>/local`` to choose new ones).
     """
     old = recorded_conf(store)
-    if old is not None and old.feature_settings() != conf.feature_settings():
-        have, want = old.feature_settings(), conf.feature_settings()
-        diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
-        raise ConfigError(
-            f"index {store.path} stores local features with "
-            + ", ".join(f"{k}={have.get(k)!r}" for k in diff)
-            + "; asked for "
-            + ", ".join(f"{k}={want.get(k)!r}" for k in diff)
-            + f". Use the same settings, or delete {store.path / LOCAL_DIR} and index again"
-        )
+    stored = stored_extractor(store.path)
+    want = conf.feature_settings()
+    if stored is not None and stored != want:
+        if old is None:
+            logger.info("replacing the local features cached by searches (%s)", stored["name"])
+            shutil.rmtree(store.path / LOCAL_DIR)
+        else:
+            diff = sorted(k for k in stored.keys() | want.keys() if stored.get(k) != want.get(k))
+            raise ConfigError(
+                f"index {store.path} stores local features with "
+                + ", ".join(f"{k}={stored.get(k)!r}" for k in diff)
+                + "; asked for "
+                + ", ".join(f"{k}={want.get(k)!r}" for k in diff)
+                + f". Use the same settings, or delete {store.path / LOCAL_DIR} to compute "
+                "them again with the new ones"
+            )
+    if conf.weights is None and old is not None and old.weights is not None:
+        conf = conf.replace(weights=old.weights)
     if old != conf:
         store.set_settings({**store.settings, LOCAL_KEY: conf.to_dict()})
 
@@ -124,49 +138,58 @@ def sync_local(
             extractor = extractor or conf.create_extractor()
             describe_into(local, store, todo, extractor, progress, workers)
         stats = local.stats()
-        if drop and stats["live_bytes"] < stats["file_bytes"] // 2:  # mostly dead bytes
+        if (drop or todo) and stats["live_bytes"] < stats["file_bytes"] // 2:  # mostly dead
             local.compact()
     return len(todo)
 
 
 def _prune_lazy(store: IndexStore) -> None:
     """Drop features of removed images from a store whose settings the index did not record."""
-    import json
-
-    manifest = json.loads((store.path / LOCAL_DIR / MANIFEST_NAME).read_text(encoding="utf-8"))
-    with LocalFeatureStore(store.path, manifest["extractor"]["name"], create=False) as local:
+    settings = stored_extractor(store.path)
+    with LocalFeatureStore(store.path, settings["name"], create=False) as local:
         _, drop = stale_ids(store, local)
         local.remove(drop)
 
 
 def describe_into(
-    local: LocalFeatureStore,
+    local: LocalFeatureStore | None,
     store: IndexStore,
     ids: list[int],
     extractor: LocalExtractor,
     progress: Progress | None = None,
     workers: int = 2,
-) -> None:
-    """Compute and store the local features of indexed images ``ids`` from their files.
+) -> dict[int, dict]:
+    """Compute the local features of indexed images ``ids`` from their files.
 
-    A file that cannot be read any more gets empty features (it cannot be verified; the
-    next indexing run records the failure), so a search does not try it again and again.
+    Features of a file that still holds the indexed content are stored in ``local`` (when
+    given), tagged with its content hash. A file that cannot be read, or changed since it
+    was indexed, gets features that are returned but not stored (empty when unreadable):
+    the next indexing run updates or fails the image, and its features follow.
+
+    Returns:
+        ``{id: features}`` of every image described.
     """
     records = [r for r in store.get(ids) if r is not None]
     paths = [r.path for r in records]
     if progress:
         progress(0, len(records))
+    out: dict[int, dict] = {}
     batch: list[tuple[int, dict]] = []
     tags: list[str | None] = []
     decoded = decode_many(paths, extractor.max_side, workers=workers if len(paths) > 8 else 0)
     for done, (record, d) in enumerate(zip(records, decoded, strict=True), 1):
-        batch.append((record.id, describe_decoded(extractor, d)))
-        tags.append(record.content_hash)
-        if len(batch) >= CHUNK or done == len(records):
+        feats = out[record.id] = describe_decoded(extractor, d)
+        if d.error is None and d.content_hash == record.content_hash:
+            batch.append((record.id, feats))
+            tags.append(record.content_hash)
+        if local is not None and batch and (len(batch) >= CHUNK or done == len(records)):
             local.put_many(batch, tags)
             batch, tags = [], []
-            if progress:
-                progress(done, len(records))
+        if progress and (done % CHUNK == 0 or done == len(records)):
+            progress(done, len(records))
+    if local is not None and batch:
+        local.put_many(batch, tags)
+    return out
 
 
 def describe_decoded(extractor: LocalExtractor, decoded) -> dict:

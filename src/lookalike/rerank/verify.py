@@ -21,7 +21,9 @@ directory is writable, in memory otherwise.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import cv2
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 NOT_VERIFIED = -1  # inlier count reported for results below the verification budget
+MEMORY_CACHE = 2_000  # candidates' features kept in memory (~130 KB each for ALIKED-512)
+#   when the index directory is read-only
 
 
 def resolve_conf(store: IndexStore, conf: VerifyConf | dict | None) -> VerifyConf:
@@ -93,7 +97,8 @@ class GeometricVerifier:
         self._extractor = extractor
         self._local: LocalFeatureStore | None = None
         self._local_opened = False
-        self._memory: dict[int, tuple[str | None, dict]] = {}
+        self._writable = True  # False once the store refused a write: cache in memory
+        self._memory: OrderedDict[int, tuple[str | None, dict]] = OrderedDict()
         self.timings: dict[str, float] = {}
 
     @property
@@ -113,15 +118,15 @@ class GeometricVerifier:
             self._local = None
 
     def _local_store(self) -> LocalFeatureStore | None:
-        """The index's local store; created on first use when missing and writable."""
+        """The index's local store; created on first use when missing and writable. An
+        index directory that cannot be written (or read as a store) caches in memory."""
         if not self._local_opened:
-            self._local_opened = True
-            exists = has_local_store(self.store.path)
-            if exists or self.cache:
+            if has_local_store(self.store.path) or self.cache:
                 try:
                     self._local = open_local_store(self.store.path, self.conf, create=True)
-                except OSError as error:  # a read-only index directory: cache in memory
-                    logger.info("cannot cache local features in %s: %s", self.store.path, error)
+                except (OSError, sqlite3.Error) as error:
+                    logger.warning("local features are cached in memory only: %s", error)
+            self._local_opened = True  # not reached when the store holds other features
         return self._local
 
     # -- features -------------------------------------------------------------------------
@@ -176,19 +181,20 @@ class GeometricVerifier:
     def _compute(self, ids: list[int]) -> dict[int, dict]:
         """Describe indexed images from their files; cache them; ``{id: features}``."""
         logger.info("computing the local features of %d candidates on the fly", len(ids))
-        local = self._local_store()
-        if local is not None:
-            try:
-                describe_into(local, self.store, ids, self.extractor, workers=0)
-                return dict(zip(ids, local.get_many(ids), strict=True))
-            except (OSError, IndexStateError) as error:
-                logger.info("cannot cache local features: %s", error)
-        out: dict[int, dict] = {}
-        memory = _MemoryStore()
-        describe_into(memory, self.store, ids, self.extractor, workers=0)  # type: ignore[arg-type]
-        for image_id, feats, tag in memory.items:
-            self._memory[image_id] = (tag, feats)
-            out[image_id] = feats
+        local = self._local_store() if self._writable else None
+        try:
+            out = describe_into(local, self.store, ids, self.extractor, workers=0)
+        except (OSError, sqlite3.Error, IndexStateError) as error:  # a read-only store
+            logger.warning("local features are cached in memory only: %s", error)
+            self._writable, local = False, None
+            out = describe_into(None, self.store, ids, self.extractor, workers=0)
+        if local is None:
+            records = {r.id: r for r in self.store.get(ids) if r is not None}
+            for image_id, feats in out.items():
+                self._memory[image_id] = (records[image_id].content_hash, feats)
+                self._memory.move_to_end(image_id)
+            while len(self._memory) > MEMORY_CACHE:
+                self._memory.popitem(last=False)
         return out
 
     # -- verification ---------------------------------------------------------------------
@@ -230,7 +236,10 @@ class GeometricVerifier:
         Returns:
             ``(scores, ids, inliers)`` of shape ``(k,)``: the verified results by fused
             score (:attr:`VerifyConf.fusion`), then the others in their order with their
-            similarity; ``inliers`` is -1 (:data:`NOT_VERIFIED`) for those.
+            similarity; ``inliers`` is -1 (:data:`NOT_VERIFIED`) for those. Verified
+            results always rank first; with ``sim_plus_inliers`` (>= the similarity) the
+            scores also stay descending across the budget boundary, with the other
+            fusions they need not.
         """
         scores = np.asarray(scores, np.float32)
         ids = np.asarray(ids, np.int64)
@@ -251,16 +260,6 @@ class GeometricVerifier:
             np.concatenate([out_i, np.full(pad, -1, np.int64)])[:k],
             np.concatenate([out_n, np.full(pad, NOT_VERIFIED, np.int64)])[:k],
         )
-
-
-class _MemoryStore:
-    """What :func:`describe_into` writes to when the index directory is read-only."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[int, dict, str | None]] = []
-
-    def put_many(self, batch: list[tuple[int, dict]], tags: list[str | None]) -> None:
-        self.items.extend((i, f, t) for (i, f), t in zip(batch, tags, strict=True))
 
 
 def check_stage_names(names: list[str]) -> tuple[list[str], bool]:
