@@ -576,3 +576,37 @@ def test_recorded_weights_are_kept_when_none_are_given(tmp_path):
         record_conf(store, VerifyConf(weights="/models/aliked-n16.pth"))
         record_conf(store, VerifyConf(budget=50))
         assert recorded_conf(store) == VerifyConf(weights="/models/aliked-n16.pth", budget=50)
+
+
+# -- real data (slow) -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_oxford_query_verifies_its_landmark_not_another():
+    """The first cropped Oxford query (all_souls_1) against its positives and images of
+    another landmark, with the default preset (ALIKED @512 px): most positives are verified
+    with many inliers (some show the building from far or in part), none of the others."""
+    from lookalike.evaluate import load_dataset
+
+    root = WEIGHTS.parents[1] / "oxford5k"
+    if not (root.is_dir() and WEIGHTS.is_file()):
+        pytest.skip(f"Oxford5k or the ALIKED weights are missing under {WEIGHTS.parents[1]}")
+    ds = load_dataset("oxford5k", root)
+    query = ds.queries[0]
+    other = next(q for q in ds.queries if q.name.split("_")[0] != query.name.split("_")[0])
+    conf = VerifyConf(weights=str(WEIGHTS))
+    from lookalike.images import load_image
+    from lookalike.local.matching import verify_pair
+
+    extractor = conf.create_extractor()
+    verifier = GeometricVerifier(store=None, conf=conf, extractor=extractor)  # type: ignore[arg-type]
+    q = verifier.query_features(query.image, query.box)
+
+    def inliers(index: int) -> int:
+        feats = extractor(np.asarray(load_image(ds.images[index])))
+        return verify_pair(q, feats, ratio=conf.ratio, threshold_px=conf.threshold_px).inliers
+
+    positives = [inliers(i) for i in query.positives[:6]]
+    others = [inliers(i) for i in other.positives[:4]]
+    assert sum(n >= 30 for n in positives) >= 4, positives
+    assert max(others) < 15, others
