@@ -138,11 +138,10 @@ def index_folder(
         )
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
-        report = _sync(
-            store, conf, extractor, root, files, remove_missing, metadata, progress, chunk
-        )
-        report.local_described = _sync_local(store, local_progress)
-        return report
+        return _sync(
+            store, conf, extractor, root, files, remove_missing, metadata, progress, chunk,
+            local_progress,
+        )  # fmt: skip
     finally:
         store.close()
 
@@ -176,9 +175,9 @@ def index_files(
         raise LookalikeError("no image files given to index")
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
-        report = _sync(store, conf, extractor, None, files, False, metadata, progress, chunk)
-        report.local_described = _sync_local(store, local_progress)
-        return report
+        return _sync(
+            store, conf, extractor, None, files, False, metadata, progress, chunk, local_progress
+        )
     finally:
         store.close()
 
@@ -193,8 +192,12 @@ def _sync(
     metadata: Callable[[Path], dict] | None,
     progress: Progress | None,
     chunk: int,
+    local_progress: Progress | None = None,
 ) -> IndexReport:
-    """Index ``files``; with a ``root``, indexed files under it that are not listed vanished."""
+    """Index ``files``; with a ``root``, indexed files under it that are not listed vanished.
+
+    Then bring what is derived from the vectors and images up to date: a stored DBA and the
+    local features (``--local``)."""
     report = IndexReport()
     known = {r.path: r for r in store.records()}
     todo: list[Path] = []
@@ -269,6 +272,7 @@ def _sync(
     if not report.whitening_learned:
         store.checkpoint()
     _update_dba(store)
+    report.local_described = _sync_local(store, local_progress)
     return report
 
 

@@ -98,18 +98,8 @@ class QueryExpansion:
         ids: np.ndarray,
         k: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank one query (see :class:`lookalike.rerank.Reranker`).
-
-        Args:
-            store: the index the first stage searched.
-            query: ``(d,)`` query descriptor in the index space.
-            scores: ``(k0,)`` first-stage scores, best first.
-            ids: ``(k0,)`` first-stage ids, ``-1`` padding.
-            k: results wanted; ``<= 0`` ranks the whole index.
-
-        Returns:
-            ``(scores, ids)`` of the expanded query, ``(k,)`` each.
-        """
+        """Re-rank one query (see :class:`lookalike.rerank.Reranker`): ``(k,)`` scores and
+        ids of the expanded query."""
         top_s, top_i = top_valid(scores, ids, self.conf.n)
         if len(top_i) == 0:  # nothing to expand with: the first stage stands
             return fit_ranking(scores, ids, k, store)
