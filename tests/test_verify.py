@@ -325,7 +325,7 @@ def test_index_without_local_features_computes_and_caches_them(collection, tmp_p
     with Searcher(index, verify=SIFT) as searcher:
         searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
         first = searcher.verifier.timings["features"]
-    assert first > 0 and (index / "local" / "manifest.json").exists()
+    assert first > 0 and (index / "local" / "local.sqlite").exists()
     with Searcher(index, verify=SIFT) as searcher:
         s, i, _ = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
         assert searcher.verifier.timings["features"] == 0.0  # all cached now

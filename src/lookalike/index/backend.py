@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from lookalike.index.conf import IndexConf, faiss_message
-from lookalike.index.files import atomic_write
+from lookalike.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.conf import IndexConf
-from lookalike.index.files import atomic_write_bytes
+from lookalike.storage import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

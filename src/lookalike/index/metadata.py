@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.errors import IndexStateError
 from lookalike.index.conf import ImageRecord, NewImage
 from lookalike.index.vectors import DEFAULT_NAME
+from lookalike.storage import Database
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +53,6 @@ CREATE TABLE IF NOT EXISTS ops (
     image_id INTEGER NOT NULL,
     slot INTEGER
 );
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
 """
 
 RECORD_COLUMNS = "id, path, content_hash, size, mtime, width, height, metadata, status, error"
@@ -79,8 +75,8 @@ def to_record(row: tuple) -> ImageRecord:
     )
 
 
-class MetaDB:
-    """A connection to ``meta.sqlite`` with explicit transactions.
+class MetaDB(Database):
+    """``meta.sqlite`` of one index (see the module docstring).
 
     Args:
         path: the database file.
@@ -88,77 +84,20 @@ class MetaDB:
     """
 
     def __init__(self, path: Path, create: bool = False) -> None:
-        self.path = path
-        if not create and not path.exists():
-            raise IndexStateError(
-                f"{path} is missing; the index is damaged, rebuild it into a new --index directory"
-            )
-        uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-        try:
-            # isolation_level=None: no implicit transactions, we issue BEGIN ourselves.
-            self.conn = sqlite3.connect(
-                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self.conn.execute("PRAGMA synchronous=FULL")
-            if create:
-                self.conn.execute("PRAGMA journal_mode=WAL")
-                self.conn.executescript(_SCHEMA)
-                with self.write():
-                    for key, value in (
-                        ("schema_version", str(SCHEMA_VERSION)),
-                        ("n_rows", "0"),
-                        ("vectors_file", DEFAULT_NAME),
-                        ("ops_pruned_through", "0"),
-                    ):
-                        self.conn.execute(
-                            "INSERT OR IGNORE INTO kv(key, value) VALUES (?, ?)", (key, value)
-                        )
-        except sqlite3.DatabaseError as error:
-            raise IndexStateError(
-                f"cannot open {path} ({error}); the index is damaged, rebuild it into a new "
-                "--index directory"
-            ) from None
-
-    def close(self) -> None:
-        self.conn.close()
-
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``), rolled back on any exception."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-
-    @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
-        """One read transaction: every query inside sees the same committed state."""
-        self.conn.execute("BEGIN")
-        try:
-            yield self.conn
-        finally:
-            self.conn.execute("COMMIT")
+        super().__init__(
+            path,
+            _SCHEMA,
+            create=create,
+            initial={
+                "schema_version": SCHEMA_VERSION,
+                "n_rows": 0,
+                "vectors_file": DEFAULT_NAME,
+                "ops_pruned_through": 0,
+            },
+            damaged="the index is damaged, rebuild it into a new --index directory",
+        )
 
     # -- small queries (run inside or outside a transaction) --------------------------------
-
-    def kv_get(self, key: str, default: str | None = None) -> str | None:
-        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return default if row is None else row[0]
-
-    def kv_int(self, key: str, default: int = 0) -> int:
-        value = self.kv_get(key)
-        return default if value is None else int(value)
-
-    def kv_set(self, key: str, value: object) -> None:
-        self.conn.execute(
-            "INSERT INTO kv(key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, str(value)),
-        )
 
     def last_seq(self) -> int:
         """The seq of the newest op ever logged (0 if none), pruned ones included."""

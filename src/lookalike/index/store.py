@@ -35,7 +35,6 @@ import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.conf import ImageRecord, IndexConf, validate_factory
-from lookalike.index.files import WriterLock
 from lookalike.index.loader import Loader, View, load_whitening, prepare
 from lookalike.index.manifest import (
     MANIFEST_NAME,
@@ -48,6 +47,7 @@ from lookalike.index.manifest import (
 from lookalike.index.metadata import DB_NAME, PAGE, MetaDB
 from lookalike.index.vectors import DEFAULT_NAME, check_vectors
 from lookalike.index.writer import WriterMixin
+from lookalike.storage import WriterLock
 
 if TYPE_CHECKING:
     from lookalike.whitening import Whitening

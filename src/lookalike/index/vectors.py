@@ -11,19 +11,19 @@ without coordination. :meth:`IndexStore.compact` writes a fresh file under a new
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.errors import IndexStateError
-from lookalike.index.files import fsync_dir
+from lookalike.storage import write_at, write_new_file
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NAME = "vectors.f32"
 CHUNK_ROWS = 65536  # rows read or written per step when streaming a whole file
+DAMAGED = "the index is damaged, rebuild it into a new --index directory"
 
 
 def check_vectors(x: np.ndarray, dim: int, what: str, rows: int | None = None) -> np.ndarray:
@@ -74,32 +74,13 @@ class VectorFile:
         self.row_bytes = 4 * self.dim
 
     def append(self, rows: np.ndarray, start: int) -> None:
-        """Write ``(n, D)`` rows at slots ``start..start+n-1`` and fsync them.
+        """Write ``(n, D)`` rows at slots ``start..start+n-1`` and fsync them (append, then
+        the caller commits; see :func:`lookalike.storage.write_at`).
 
         Anything past ``start`` (uncommitted rows of a crashed writer) is overwritten or cut.
         """
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size < start * self.row_bytes:
-                raise IndexStateError(
-                    f"{self.path} holds {size // self.row_bytes} rows but meta.sqlite references "
-                    f"{start}; the index is damaged, rebuild it into a new --index directory"
-                )
-            end = (start + len(rows)) * self.row_bytes
-            view = memoryview(rows.reshape(-1).view(np.uint8))
-            offset, written = start * self.row_bytes, 0
-            while written < len(view):
-                written += os.pwrite(fd, view[written:], offset + written)
-            if size > end:
-                os.ftruncate(fd, end)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.path.parent)
+        write_at(self.path, rows.reshape(-1).view(np.uint8), start * self.row_bytes, DAMAGED)
 
     def _map(self, n_rows: int) -> np.ndarray:
         try:
@@ -148,14 +129,5 @@ class VectorFile:
 
     def write_compacted(self, target: Path, slots: np.ndarray, n_rows: int) -> None:
         """Write the rows at ``slots``, in that order, as a new file ``target`` (fsynced)."""
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for rows in self.iter_rows(slots, n_rows):
-                view = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(target.parent)
+        chunks = (r.reshape(-1).view(np.uint8) for r in self.iter_rows(slots, n_rows))
+        write_new_file(target, chunks)

@@ -20,11 +20,11 @@ import numpy as np
 from lookalike.errors import ConfigError
 from lookalike.index.backend import make_index, min_train_size
 from lookalike.index.conf import IndexConf, NewImage, validate_factory
-from lookalike.index.files import TMP_SUFFIX, atomic_write, remove_durably
 from lookalike.index.loader import WHITENING_NAME, Loader, View, load_whitening
 from lookalike.index.manifest import now_iso, write_manifest
 from lookalike.index.metadata import MetaDB
 from lookalike.index.vectors import check_vectors, is_vectors_name, vectors_name
+from lookalike.storage import TMP_SUFFIX, atomic_write, remove_durably
 
 if TYPE_CHECKING:
     from lookalike.whitening import Whitening

@@ -2,9 +2,15 @@
 
 ::
 
-    local/manifest.json   extractor settings and storage encoding; another extractor is refused
-    local/local.sqlite    image id -> (offset, n, width, height, tag); kv: data file, data end
+    local/local.sqlite    image id -> (offset, n, width, height, tag); kv: what the records are
+                          (extractor settings, storage encoding; another extractor is refused),
+                          data file, data end
     local/features.bin    records back to back, append-only (features.<gen>.bin after compact)
+
+Which local features an index *keeps* (``index --local``) is recorded in the index manifest;
+``local.sqlite`` only describes the bytes it stores, so that they are never decoded as
+something else. Stores of format 1 kept that description in ``local/manifest.json``: it is
+moved into ``local.sqlite`` the first time the store is opened from a writable directory.
 
 A record holds the ``n`` keypoints of one image, best score first (so its first ``k`` are its
 top ``k``), 8-byte aligned, in one contiguous range: reading an image is one slice of a
@@ -18,12 +24,13 @@ memory map.
                       for RootSIFT with ``quantize=True`` (x 512); float16 otherwise
 ====================  ==========================================================================
 
-Durability as for the global vectors: a record is written past the committed end
-(``kv.data_end``) and fsynced *before* the SQLite transaction that references it commits, so
-bytes past the committed end (a crashed writer) are never read and are overwritten by the
-next write. Writers from several processes are serialised by SQLite's write lock; readers
-never wait. Replacing or removing an image leaves dead bytes until :meth:`compact`, which
-writes a fresh file under a new name and switches to it in one transaction.
+Durability as for the global vectors, with the same helpers (:mod:`lookalike.storage`): a
+record is written past the committed end (``kv.data_end``) and fsynced *before* the SQLite
+transaction that references it commits, so bytes past the committed end (a crashed writer)
+are never read and are overwritten by the next write. Writers from several processes are
+serialised by SQLite's write lock; readers never wait. Replacing or removing an image leaves
+dead bytes until :meth:`compact`, which writes a fresh file under a new name and switches to
+it in one transaction (generation compaction).
 
 SQLite ids are the index's image ids. The optional per-image ``tag`` (e.g. the content hash
 from ``meta.sqlite``) lets a reader treat features of an image that was updated since as
@@ -46,18 +53,27 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
-from lookalike.index.files import TMP_SUFFIX, atomic_write_bytes, fsync_dir, remove_durably
 from lookalike.local.encoding import RecordCodec, library_versions, storage_encoding
 from lookalike.local.features import default_local_settings, local_feature_class
+from lookalike.storage import (
+    TMP_SUFFIX,
+    Database,
+    fsync_dir,
+    remove_leftovers,
+    switch_data_file,
+    write_at,
+    write_new_file,
+)
 
 logger = logging.getLogger(__name__)
 
 LOCAL_DIR = "local"
-MANIFEST_NAME = "manifest.json"
+OLD_MANIFEST_NAME = "manifest.json"  # format 1 kept the description here
 DB_NAME = "local.sqlite"
 DATA_NAME = "features.bin"
 FORMAT = "lookalike-local-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+META_KEY = "meta"  # kv entry: JSON {format, format_version, extractor, storage, quantize, versions}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS features (
@@ -68,29 +84,70 @@ CREATE TABLE IF NOT EXISTS features (
     height INTEGER NOT NULL,
     tag TEXT
 );
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
 """
+
+
+def has_local_store(index_dir: str | Path) -> bool:
+    """Whether the index has a local feature store (of any format)."""
+    root = Path(index_dir) / LOCAL_DIR
+    return (root / DB_NAME).is_file() or (root / OLD_MANIFEST_NAME).is_file()
+
+
+def _damaged(root: Path) -> str:
+    return f"the local features are damaged, delete {root} and compute them again"
+
+
+def read_description(root: Path, conn: sqlite3.Connection | None = None) -> dict:
+    """What the store at ``root`` holds (its ``kv.meta``, or a format 1 ``manifest.json``).
+
+    Raises:
+        IndexStateError: unreadable, not a local feature store, or of a newer format.
+    """
+    try:
+        row = None
+        if conn is not None:
+            row = conn.execute("SELECT value FROM kv WHERE key = ?", (META_KEY,)).fetchone()
+        if row is not None:
+            meta = json.loads(row[0])
+        elif (root / OLD_MANIFEST_NAME).is_file():
+            meta = json.loads((root / OLD_MANIFEST_NAME).read_text(encoding="utf-8"))
+        else:
+            raise ValueError("no description")
+    except (OSError, ValueError, sqlite3.Error) as error:
+        raise IndexStateError(
+            f"cannot read what {root} holds ({error}); {_damaged(root)}"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise IndexStateError(f"{root} is not a lookalike local feature store")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise IndexStateError(
+            f"{root} has local feature format {meta['format_version']}; this lookalike reads up "
+            f"to {FORMAT_VERSION}: upgrade lookalike"
+        )
+    extractor = meta.get("extractor")
+    if not isinstance(extractor, dict) or not isinstance(extractor.get("name"), str):
+        raise IndexStateError(f"{root} names no local extractor; {_damaged(root)}")
+    return meta
 
 
 def stored_extractor(index_dir: str | Path) -> dict | None:
     """The extractor settings of the local features of an index, None when it has none.
 
     Raises:
-        IndexStateError: ``<index>/local/manifest.json`` exists but cannot be read.
+        IndexStateError: ``<index>/local`` exists but cannot be read.
     """
-    path = Path(index_dir) / LOCAL_DIR / MANIFEST_NAME
-    if not path.is_file():
+    if not has_local_store(index_dir):
         return None
+    root = Path(index_dir).expanduser() / LOCAL_DIR
+    conn = None
+    if (root / DB_NAME).is_file():
+        db = Database(root / DB_NAME, damaged=_damaged(root))
+        conn = db.conn
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))["extractor"]
-        if not isinstance(settings.get("name"), str):
-            raise ValueError("no extractor name")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise IndexStateError(
-            f"cannot read {path} ({error}); delete {path.parent} and compute the local "
-            "features again"
-        ) from None
-    return settings
+        return read_description(root, conn)["extractor"]
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 class LocalFeatureStore:
@@ -133,15 +190,21 @@ class LocalFeatureStore:
         self._map: np.memmap | None = None
         self._map_name: str | None = None
         self._closed = False
-        manifest_path = self.root / MANIFEST_NAME
-        if not manifest_path.exists():
+        if not has_local_store(index_dir):
             if not create:
                 raise IndexStateError(
                     f"index {index_dir} has no local features; build it with --local {name}"
                 )
             self._create(settings or default_local_settings(name), bool(quantize))
-        self.manifest = self._read_manifest()
-        self._check(settings, quantize)
+        self._db = self._connect(create=False)
+        self._conn = self._db.conn
+        try:
+            self.manifest = read_description(self.root, self._conn)
+            self._upgrade()
+            self._check(settings, quantize)
+        except BaseException:
+            self._db.close()
+            raise
         self.settings: dict = self.manifest["extractor"]
         self.dim = int(self.settings["dim"])
         self.binary = bool(self.settings["binary"])
@@ -155,34 +218,21 @@ class LocalFeatureStore:
             np.dtype(storage["descriptors"]),
             storage["scale"],
         )
-        self._conn = self._connect(create=False)
 
     # -- opening ---------------------------------------------------------------------------
 
-    def _connect(self, create: bool, root: Path | None = None) -> sqlite3.Connection:
-        path = (root or self.root) / DB_NAME
-        if not create and not path.exists():
-            raise IndexStateError(
-                f"{path} is missing; the local features are damaged, delete {self.root} and "
-                "compute them again"
-            )
-        uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-        try:
-            conn = sqlite3.connect(
-                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            conn.execute("PRAGMA synchronous=FULL")
-            if create:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-                for key, value in (("data_file", DATA_NAME), ("data_end", "0"), ("gen", "0")):
-                    conn.execute("INSERT OR IGNORE INTO kv(key, value) VALUES (?, ?)", (key, value))
-        except sqlite3.DatabaseError as error:
-            raise IndexStateError(
-                f"cannot open {path} ({error}); delete {self.root} and compute the local "
-                "features again"
-            ) from None
-        return conn
+    def _connect(
+        self, create: bool, root: Path | None = None, meta: dict | None = None
+    ) -> Database:
+        root = root or self.root
+        if not create and not (root / DB_NAME).exists() and (root / OLD_MANIFEST_NAME).exists():
+            raise IndexStateError(f"{root / DB_NAME} is missing; {_damaged(self.root)}")
+        initial: dict[str, object] = {"data_file": DATA_NAME, "data_end": 0, "gen": 0}
+        if meta is not None:
+            initial[META_KEY] = json.dumps(meta, sort_keys=True)
+        return Database(
+            root / DB_NAME, _SCHEMA, create=create, initial=initial, damaged=_damaged(self.root)
+        )
 
     def _create(self, settings: dict, quantize: bool) -> None:
         """Build the store in a scratch folder, then rename it into place (atomic).
@@ -195,8 +245,7 @@ class LocalFeatureStore:
         scratch = self.root.parent / f".{LOCAL_DIR}-{uuid.uuid4().hex}.partial"
         scratch.mkdir()
         try:
-            self._connect(create=True, root=scratch).close()
-            manifest = {
+            meta = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "extractor": settings,
@@ -204,12 +253,11 @@ class LocalFeatureStore:
                 "quantize": bool(quantize),
                 "versions": library_versions(),
             }
-            data = json.dumps(manifest, indent=2).encode("utf-8") + b"\n"
-            atomic_write_bytes(scratch / MANIFEST_NAME, data)
+            self._connect(create=True, root=scratch, meta=meta).close()
             try:
                 os.rename(scratch, self.root)  # replaces only a missing or empty folder
             except OSError:
-                if not (self.root / MANIFEST_NAME).exists():
+                if not has_local_store(self.root.parent):
                     raise IndexStateError(
                         f"{self.root} exists but is not a local feature store; move it away"
                     ) from None
@@ -221,23 +269,23 @@ class LocalFeatureStore:
         fsync_dir(self.root.parent)
         logger.info("created local feature store %s (%s)", self.root, settings["name"])
 
-    def _read_manifest(self) -> dict:
-        path = self.root / MANIFEST_NAME
+    def _upgrade(self) -> None:
+        """Move a format 1 ``manifest.json`` into ``local.sqlite`` (where writable)."""
+        old = self.root / OLD_MANIFEST_NAME
+        if not old.exists():
+            return
+        meta = {**self.manifest, "format_version": FORMAT_VERSION}
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise IndexStateError(
-                f"cannot read {path} ({error}); delete {self.root} and compute the local "
-                "features again"
-            ) from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise IndexStateError(f"{path} is not a lookalike local feature manifest")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise IndexStateError(
-                f"{self.root} has local feature format {manifest['format_version']}; this "
-                f"lookalike reads up to {FORMAT_VERSION}: upgrade lookalike"
-            )
-        return manifest
+            with self._write():
+                if self._kv(META_KEY) is None:
+                    self._set_kv(META_KEY, json.dumps(meta, sort_keys=True))
+            old.unlink()
+            fsync_dir(self.root)
+        except (OSError, sqlite3.Error) as error:  # a read-only directory: read the old file
+            logger.debug("local feature store %s not upgraded: %s", self.root, error)
+            return
+        self.manifest = meta
+        logger.info("moved %s into %s", old, DB_NAME)
 
     def _check(self, settings: dict | None, quantize: bool | None) -> None:
         built = self.manifest["extractor"]
@@ -269,7 +317,7 @@ class LocalFeatureStore:
             if not self._closed:
                 self._closed = True
                 self._map = None
-                self._conn.close()
+                self._db.close()
 
     def __enter__(self) -> LocalFeatureStore:
         return self
@@ -290,29 +338,20 @@ class LocalFeatureStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; SQLite's lock serialises writers of every process."""
         self._check_open()
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
+        with self._db.write() as conn:
+            yield conn
 
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         self._check_open()
-        self._conn.execute("BEGIN")
-        try:
-            yield self._conn
-        finally:
-            self._conn.execute("COMMIT")
+        with self._db.snapshot() as conn:
+            yield conn
 
-    def _kv(self, key: str) -> str:
-        return self._conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
+    def _kv(self, key: str) -> str | None:
+        return self._db.kv_get(key)
 
     def _set_kv(self, key: str, value: object) -> None:
-        self._conn.execute("UPDATE kv SET value = ? WHERE key = ?", (str(value), key))
+        self._db.kv_set(key, value)
 
     def record_bytes(self, n: int) -> int:
         """Bytes of a record of ``n`` keypoints, padding included."""
@@ -354,7 +393,8 @@ class LocalFeatureStore:
                 rows.append((image_id, offset, n, w, h, tag))
                 offset += len(record)
             # durable before the commit that references it
-            _write_at(self.root / name, b"".join(r for r, *_ in encoded), end)
+            data = b"".join(r for r, *_ in encoded)
+            write_at(self.root / name, data, end, _damaged(self.root))
             self._conn.executemany(
                 "INSERT OR REPLACE INTO features(id, offset, n, width, height, tag) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -377,54 +417,45 @@ class LocalFeatureStore:
     def compact(self) -> None:
         """Rewrite the live records into ``features.<gen>.bin`` and drop the old file.
 
-        The new file is complete and fsynced before the transaction that points every id at
-        its new offset commits; a crash before that leaves the old state, and the orphan file
-        is deleted by the next compaction. Readers retry when their file disappears.
+        Generation compaction (:func:`lookalike.storage.switch_data_file`): the new file is
+        complete and fsynced before the transaction that points every id at its new offset
+        commits; a crash before that leaves the old state, and the orphan file is deleted by
+        the next compaction. Readers retry when their file disappears.
         """
         with self._mutex:
-            with self._write():
+            with self._snapshot():
                 name, end = self._kv("data_file"), int(self._kv("data_end"))
                 gen = int(self._kv("gen")) + 1
-                self._remove_orphans(keep=name)
                 rows = self._conn.execute(
                     "SELECT id, offset, n FROM features ORDER BY id"
                 ).fetchall()
-                live = sum(self.record_bytes(n) for _, _, n in rows)
-                if live == end:
-                    return
-                target = self.root / f"features.{gen}.bin"
-                source = self._mapped(name, end)
-                new_rows, offset = [], 0
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    for image_id, old, n in rows:
-                        size = self.record_bytes(n)
-                        _write_all(fd, memoryview(source[old : old + size]))
-                        new_rows.append((offset, image_id))
-                        offset += size
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                fsync_dir(self.root)
-                self._conn.executemany("UPDATE features SET offset = ? WHERE id = ?", new_rows)
-                self._set_kv("data_file", target.name)
-                self._set_kv("data_end", offset)
-                self._set_kv("gen", gen)
-            self._map, self._map_name = None, None
-            remove_durably([self.root / name])
-            logger.info("compacted %s: %d of %d bytes kept", self.root, offset, end)
+            remove_leftovers(self.root, lambda n: _is_data_name(n, name) or n.endswith(TMP_SUFFIX))
+            sizes = [self.record_bytes(n) for _, _, n in rows]
+            if sum(sizes) == end:
+                return
+            source = self._mapped(name, end)
+            target = self.root / f"features.{gen}.bin"
+            chunks = (source[o : o + size] for (_, o, _), size in zip(rows, sizes, strict=True))
+            written = write_new_file(target, chunks)
+            offsets = (np.cumsum(sizes, dtype=np.int64) - np.asarray(sizes, np.int64)).tolist()
 
-    def _remove_orphans(self, keep: str) -> None:
-        """Data files of interrupted compactions (call inside a write transaction)."""
-        junk = [
-            p
-            for p in self.root.iterdir()
-            if (p.name.startswith("features.") and p.name.endswith(".bin") and p.name != keep)
-            or p.name.endswith(TMP_SUFFIX)
-        ]
-        if junk:
-            logger.info("removing leftovers of an interrupted writer: %s", [p.name for p in junk])
-            remove_durably(junk)
+            def update(conn: sqlite3.Connection) -> None:
+                if int(self._kv("data_end")) != end:  # a writer appended meanwhile
+                    raise _Changed
+                conn.executemany(
+                    "UPDATE features SET offset = ? WHERE id = ?",
+                    zip(offsets, [r[0] for r in rows], strict=True),
+                )
+                self._set_kv("data_end", written)
+                self._set_kv("gen", gen)
+
+            self._map, self._map_name = None, None
+            try:
+                switch_data_file(self._db, "data_file", target, update)
+            except _Changed:  # compaction only saves space: the next one will do
+                logger.info("compaction of %s skipped: features were added meanwhile", self.root)
+                return
+            logger.info("compacted %s: %d of %d bytes kept", self.root, written, end)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -541,30 +572,10 @@ class LocalFeatureStore:
         return {"images": len(rows), "live_bytes": live, "file_bytes": end}
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    written = 0
-    while written < len(view):
-        written += os.write(fd, view[written:])
+class _Changed(Exception):
+    """The store changed between a compaction's copy and its switch."""
 
 
-def _write_at(path: Path, data: bytes, offset: int) -> None:
-    """Write ``data`` at ``offset``, cut anything after it (a crashed writer's bytes), fsync."""
-    created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size < offset:
-            raise IndexStateError(
-                f"{path} holds {size} bytes but the local feature database references {offset}; "
-                f"delete {path.parent} and compute the local features again"
-            )
-        view, written = memoryview(data), 0
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], offset + written)
-        if size > offset + len(data):
-            os.ftruncate(fd, offset + len(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
+def _is_data_name(name: str, keep: str) -> bool:
+    """A data file of this layout other than ``keep`` (left by an interrupted compaction)."""
+    return name.startswith("features.") and name.endswith(".bin") and name != keep

@@ -23,7 +23,7 @@ import numpy as np
 from lookalike.errors import ConfigError
 from lookalike.images import decode_many
 from lookalike.local.conf import VerifyConf
-from lookalike.local.store import LOCAL_DIR, MANIFEST_NAME, LocalFeatureStore, stored_extractor
+from lookalike.local.store import LOCAL_DIR, LocalFeatureStore, has_local_store, stored_extractor
 
 if TYPE_CHECKING:
     from lookalike.index import IndexStore
@@ -75,10 +75,6 @@ def record_conf(store: IndexStore, conf: VerifyConf) -> None:
         conf = conf.replace(weights=old.weights)
     if old != conf:
         store.set_settings({**store.settings, LOCAL_KEY: conf.to_dict()})
-
-
-def has_local_store(index_dir: str | Path) -> bool:
-    return (Path(index_dir) / LOCAL_DIR / MANIFEST_NAME).is_file()
 
 
 def open_local_store(

@@ -41,10 +41,10 @@ import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index import IndexStore
-from lookalike.index.files import atomic_write
 from lookalike.index.store import LiveVectors
 from lookalike.rerank.functional import dba, knn_lists, max_fuse
 from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion, top_valid
+from lookalike.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from lookalike.index import IndexStore
 from lookalike.local.conf import VerifyConf
 from lookalike.local.features import DESCRIPTORS, KEYPOINTS, LocalExtractor
 from lookalike.local.matching import fuse_scores, match_many, verify
-from lookalike.local.store import LocalFeatureStore
-from lookalike.local.sync import describe_into, has_local_store, open_local_store, recorded_conf
+from lookalike.local.store import LocalFeatureStore, has_local_store
+from lookalike.local.sync import describe_into, open_local_store, recorded_conf
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,372 @@
+"""The one storage helper of lookalike: durable files, SQLite transactions, the writer lock.
+
+Both on-disk stores (the index, :mod:`lookalike.index`, and its local features,
+:mod:`lookalike.local.store`) are built from these pieces:
+
+* **Atomic replace** (:func:`atomic_write`): a file that readers open by name is written to
+  a scratch name in the same directory, flushed and fsynced, ``os.replace``d over the target,
+  and the directory fsynced so the rename itself survives a power cut. A scratch file left by
+  a crash is never read and is deleted by the next writer.
+* **A SQLite database** (:class:`Database`): WAL mode (readers keep a snapshot while one
+  writer commits), ``synchronous=FULL`` (a commit is durable), explicit transactions
+  (:meth:`Database.write`, :meth:`Database.snapshot`) and a ``kv`` table of counters and names.
+* **Append-then-commit files** (:func:`write_at`): records are written past the committed end
+  that the database knows and fsynced *before* the transaction that references them commits,
+  so bytes past the committed end (a crashed writer's) are never read and are overwritten by
+  the next write.
+* **Generation compaction** (:func:`write_new_file`, :func:`switch_data_file`): live records
+  are copied into a new file under a new name, one transaction points the database at it, and
+  the old file is deleted last; readers that still map the old one retry.
+* **The single-writer lock** (:class:`WriterLock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from lookalike.errors import IndexLockedError, IndexStateError
+
+logger = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and creations inside directory ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush the data of an already written file to stable storage."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path(path: Path) -> Path:
+    """The scratch name used while ``path`` is being written."""
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], unique: bool = False) -> None:
+    """Create or replace ``path`` atomically; ``write(tmp)`` fills the scratch file.
+
+    ``unique``: a scratch name of this call only (``<name>.<random>.tmp``), for files that
+    processes not holding the writer lock may replace (e.g. a searcher saving a DBA).
+    """
+    tmp = tmp_path(path)
+    if unique:
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Create or replace ``path`` with ``data`` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+    """Write every byte of ``data`` to ``fd`` (at ``offset``, else at the file position)."""
+    view, written = memoryview(data).cast("B"), 0
+    while written < len(view):
+        if offset is None:
+            written += os.write(fd, view[written:])
+        else:
+            written += os.pwrite(fd, view[written:], offset + written)
+
+
+def write_at(path: Path, data: bytes | memoryview, offset: int, damaged: str) -> None:
+    """Append-then-commit: write ``data`` at ``offset``, cut what follows, fsync.
+
+    ``offset`` is the committed end the caller's database knows; bytes after it belong to a
+    writer that crashed before its commit and are overwritten or cut.
+
+    Args:
+        path: the data file; created when missing.
+        data: the bytes to write.
+        offset: where they go, the committed end.
+        damaged: what to tell the user when the file is shorter than ``offset`` (the
+            database references bytes that are not there): how to rebuild.
+
+    Raises:
+        IndexStateError: the file holds fewer than ``offset`` bytes.
+    """
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size < offset:
+            raise IndexStateError(
+                f"{path} holds {size} bytes but its database references {offset}; {damaged}"
+            )
+        write_all(fd, data, offset)
+        end = offset + memoryview(data).nbytes
+        if size > end:
+            os.ftruncate(fd, end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
+def write_new_file(target: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    """Generation compaction, step one: write ``chunks`` as the new file ``target``, fsynced
+    (its directory too); returns the bytes written. The caller then switches to it with
+    :func:`switch_data_file`."""
+    total = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in chunks:
+            write_all(fd, chunk)
+            total += memoryview(chunk).nbytes
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        target.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    fsync_dir(target.parent)
+    return total
+
+
+def switch_data_file(
+    db: Database, key: str, target: Path, update: Callable[[sqlite3.Connection], None]
+) -> Path | None:
+    """Generation compaction, step two: one transaction runs ``update`` (pointing records at
+    their new offsets) and names ``target`` under ``kv[key]``; then the old file is deleted.
+
+    Returns the old file's path (deleted), or None when it was already ``target``. A failed
+    transaction deletes ``target`` and leaves the old state.
+    """
+    root = target.parent
+    try:
+        with db.write() as conn:
+            old = db.kv_get(key)
+            update(conn)
+            db.kv_set(key, target.name)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if old is None or old == target.name:
+        return None
+    remove_durably([root / old])
+    return root / old
+
+
+def remove_leftovers(root: Path, is_junk: Callable[[str], bool]) -> list[str]:
+    """Delete the files of ``root`` whose names ``is_junk`` (crash leftovers); their names."""
+    junk = [p for p in root.iterdir() if is_junk(p.name)]
+    if junk:
+        logger.info("removing leftovers of an interrupted writer: %s", sorted(p.name for p in junk))
+        remove_durably(junk)
+    return [p.name for p in junk]
+
+
+class Database:
+    """A SQLite file with explicit transactions and a ``kv`` table.
+
+    Args:
+        path: the database file.
+        schema: ``CREATE TABLE IF NOT EXISTS`` statements run when creating; a ``kv(key TEXT
+            PRIMARY KEY, value TEXT)`` table is always added.
+        create: create the file and schema if missing (writers); readers require the file.
+        initial: ``kv`` entries set when creating (existing keys are kept).
+        damaged: what to tell the user when the file is missing or unreadable.
+
+    Raises:
+        IndexStateError: the file is missing (without ``create``) or not a readable database.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        schema: str = "",
+        *,
+        create: bool = False,
+        initial: dict[str, object] | None = None,
+        damaged: str = "rebuild it",
+    ) -> None:
+        self.path = path
+        self.damaged = damaged
+        if not create and not path.exists():
+            raise IndexStateError(f"{path} is missing; {damaged}")
+        uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+        try:
+            # isolation_level=None: no implicit transactions, we issue BEGIN ourselves.
+            self.conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self.conn.execute("PRAGMA synchronous=FULL")
+            if create:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.executescript(
+                    schema + "\nCREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);"
+                )
+                with self.write():
+                    for key, value in (initial or {}).items():
+                        self.conn.execute(
+                            "INSERT OR IGNORE INTO kv(key, value) VALUES (?, ?)", (key, str(value))
+                        )
+        except sqlite3.DatabaseError as error:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            raise IndexStateError(f"cannot open {path} ({error}); {damaged}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), rolled back on any exception.
+
+        SQLite's lock serialises the writers of every process; readers never wait.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query inside sees the same committed state."""
+        self.conn.execute("BEGIN")
+        try:
+            yield self.conn
+        finally:
+            self.conn.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (``PRAGMA
+        data_version``): a change check costing one statement."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def kv_get(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def kv_int(self, key: str, default: int = 0) -> int:
+        value = self.kv_get(key)
+        return default if value is None else int(value)
+
+    def kv_set(self, key: str, value: object) -> None:
+        self.conn.execute(
+            "INSERT INTO kv(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
+
+    def kv_delete(self, key: str) -> None:
+        self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+
+def remove_durably(paths: list[Path]) -> None:
+    """Delete files (missing ones are fine) and make the deletions durable."""
+    if not paths:
+        return
+    for path in paths:
+        path.unlink(missing_ok=True)
+    fsync_dir(paths[0].parent)
+
+
+class WriterLock:
+    """An exclusive, non-blocking lock on ``path`` held by one writer process at a time.
+
+    POSIX ``flock`` on an open file description: the kernel drops it when the process dies,
+    however it dies, so a crashed writer never leaves a stale lock. A second store in the
+    same process also conflicts (each opens its own description). The holder's pid is
+    written into the file so the error can name it. Falls back to :mod:`filelock` where
+    ``fcntl`` is missing (Windows).
+    """
+
+    def __init__(self, path: Path, index_dir: Path) -> None:
+        self.path = path
+        self.index_dir = index_dir
+        self._fd: int | None = None
+        self._fallback = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None or self._fallback is not None
+
+    def acquire(self) -> None:
+        """Take the lock or raise ``IndexLockedError`` at once (never waits)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            self._acquire_filelock()
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise IndexStateError(
+                f"cannot open the lock file of index {self.index_dir} ({error.strerror}); "
+                "writing an index needs write access to its directory"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise self._locked_error(holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        logger.debug("took the writer lock of %s", self.index_dir)
+
+    def _acquire_filelock(self) -> None:  # pragma: no cover - Windows
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise self._locked_error("") from None
+        self._fallback = lock
+
+    def _locked_error(self, holder: str) -> IndexLockedError:
+        who = f"another process (pid {holder})" if holder.isdigit() else "another process"
+        return IndexLockedError(
+            f"index {self.index_dir} is being written by {who}; wait for it to finish or stop "
+            "it, then retry (searching the index meanwhile is fine)"
+        )
+
+    def release(self) -> None:
+        """Drop the lock; harmless when not held."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the last descriptor releases the flock
+            logger.debug("released the writer lock of %s", self.index_dir)
+        if self._fallback is not None:  # pragma: no cover - Windows
+            self._fallback.release()
+            self._fallback = None
