@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -19,9 +21,20 @@ from lookalike.local import (
     verify,
     verify_pair,
 )
-from lookalike.local.matching import homography_corner_error, matches_to_matches0
+from lookalike.local.matching import matches_to_matches0
 
 H_TRUE = np.array([[0.92, 0.12, 25.0], [-0.07, 0.97, 14.0], [2e-4, 1e-4, 1.0]])
+
+
+def homography_corner_error(h_est: np.ndarray, h_true: np.ndarray, size: tuple[int, int]) -> float:
+    """Largest distance, pixels, between the image corners mapped by two homographies."""
+    w, h = size
+    corners = np.array([[[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]], np.float64)
+    a = cv2.perspectiveTransform(corners, np.asarray(h_est, np.float64))[0]
+    b = cv2.perspectiveTransform(corners, np.asarray(h_true, np.float64))[0]
+    err = float(np.linalg.norm(a - b, axis=1).max())
+    return err if math.isfinite(err) else math.inf
+
 
 
 def brute_force_matches(d0: np.ndarray, d1: np.ndarray, ratio: float, metric: str) -> set:

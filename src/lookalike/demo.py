@@ -292,15 +292,15 @@ def run_demo(
 
     t0 = time.perf_counter()
     hits: list[list] = []
-    with Searcher(out_dir / "index", extractor=extractor) as searcher:
+    with Searcher.open(out_dir / "index", extractor=extractor) as searcher:
         views = len(searcher.conf.query_rotations)
         console.print(
             f"searching {len(query_paths)} queries (top {k}, {views} view(s) each: rotations "
             f"{', '.join(map(str, searcher.conf.query_rotations))} deg) ..."
         )
         for first in range(0, len(query_paths), SEARCH_CHUNK):
-            scores, ids = searcher.search_files(query_paths[first : first + SEARCH_CHUNK], k=k)
-            hits.extend(searcher.results(scores, ids))
+            ranking = searcher.search(query_paths[first : first + SEARCH_CHUNK], k=k)
+            hits.extend(searcher.results(ranking))
             console.print(f"  {len(hits)}/{len(query_paths)} queries searched")
     seconds = time.perf_counter() - t0
     console.print(f"  {seconds:.1f} s, {seconds / max(1, len(query_paths)):.2f} s per query")

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lookalike import functional as F
-from lookalike.errors import ConfigError
-from lookalike.images import Decoded, decode_many, load_image
+from lookalike.errors import ConfigError, IndexStateError
+from lookalike.images import Decoded, decode_many, read_image
+from lookalike.index.manifest import Manifest, QueryDefaults
 from lookalike.models import create_backbone
 from lookalike.pooling import create_pooling
 from lookalike.runtime import create_runner
@@ -75,12 +77,38 @@ class ExtractConf:
         d["scales"] = list(self.scales)
         return d
 
-    def query_settings(self) -> dict:
+    def query_defaults(self) -> QueryDefaults:
         """The query-time fields an index records as its search defaults."""
-        return {
-            "query_rotations": list(self.query_rotations),
-            "rotation_penalty": self.rotation_penalty,
+        return QueryDefaults(tuple(self.query_rotations), float(self.rotation_penalty))
+
+    @classmethod
+    def from_descriptor(cls, descriptor: dict, **overrides: object) -> ExtractConf:
+        """The settings recorded as :meth:`descriptor`, plus run-time ``overrides``.
+
+        Raises:
+            IndexStateError: the descriptor names settings this version does not know.
+        """
+        d = dict(descriptor)
+        try:
+            if d.get("whitening") is not None:
+                d["whitening"] = WhiteningConf(**d["whitening"])
+            d["scales"] = tuple(d.get("scales", (1.0,)))
+            conf = cls(**d)
+        except (TypeError, ValueError) as error:
+            raise IndexStateError(
+                f"the index's descriptor settings are not understood ({error}); upgrade "
+                "lookalike or rebuild the index"
+            ) from None
+        return conf.replace(**overrides) if overrides else conf
+
+    @classmethod
+    def for_index(cls, manifest: Manifest, **overrides: object) -> ExtractConf:
+        """What describes queries of an index: its descriptor and its query defaults."""
+        query = {
+            "query_rotations": tuple(manifest.query.rotations),
+            "rotation_penalty": manifest.query.rotation_penalty,
         }
+        return cls.from_descriptor(manifest.descriptor, **{**query, **overrides})
 
     def replace(self, **changes: object) -> ExtractConf:
         """A copy with some fields changed (validated)."""
@@ -219,12 +247,13 @@ class Extractor:
 
     def extract_query(
         self,
-        path: str | Path,
+        image: str | Path | bytes | Image.Image,
         box: tuple[float, float, float, float] | None = None,
         rotations: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Describe one query image (optionally cropped): ``(len(rotations), D)`` float32."""
-        img = np.asarray(load_image(path, self.max_side, box=box, upscale=self.conf.upscale))
+        """Describe one query image (a path, bytes or a PIL image; optionally cropped):
+        ``(len(rotations), D)`` float32, one row per rotated view."""
+        img = np.asarray(read_image(image, self.max_side, box=box, upscale=self.conf.upscale))
         rots = self.conf.query_rotations if rotations is None else tuple(rotations)
         # np.rot90 turns counter-clockwise, like PIL's rotate
         views = [np.ascontiguousarray(np.rot90(img, k=(r // 90) % 4)) for r in rots]

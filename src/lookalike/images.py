@@ -141,6 +141,43 @@ def load_image(
     return _decode(data, max_side, box, upscale, max_pixels, str(path))[0]
 
 
+def read_image(
+    source: str | Path | bytes | Image.Image,
+    max_side: int | None = None,
+    box: tuple[float, float, float, float] | None = None,
+    upscale: bool = False,
+    name: str | None = None,
+) -> Image.Image:
+    """An upright RGB image from a file path, encoded bytes or a PIL image.
+
+    Files and bytes go through :func:`decode_image` (EXIF orientation, any mode, size
+    limits); a PIL image is taken as upright, converted to RGB (:func:`to_rgb`), cropped to
+    ``box`` and resized the same way.
+
+    Raises:
+        ImageError: unreadable, corrupt or too large; ConfigError: an unsupported type.
+    """
+    if isinstance(source, str | Path):
+        return load_image(source, max_side, box, upscale)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return decode_image(bytes(source), max_side, box, upscale, name=name or "<bytes>")
+    if isinstance(source, Image.Image):
+        label = name or "<PIL image>"
+        width, height = source.size
+        if width * height > MAX_PIXELS:
+            raise ImageError(f"Image {label} is {width}x{height} pixels, over the limit.")
+        try:
+            img = to_rgb(source)
+        except Exception as exc:  # an image object that cannot be converted
+            raise ImageError(f"Cannot convert image {label} to RGB: {exc}") from exc
+        if box is not None:
+            img = _crop(img, box, label)
+        return _resize(img, _check_max_side(max_side), upscale)
+    raise ConfigError(
+        f"an image must be a file path, bytes or a PIL image, got {type(source).__name__}"
+    )
+
+
 def decode_image(
     data: bytes,
     max_side: int | None = None,

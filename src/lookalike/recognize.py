@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import ConfigError
+from lookalike.index import IndexStore
 from lookalike.labels import label_of
-from lookalike.search import Box, Hit, Searcher
+from lookalike.local.conf import VerifyConf
+from lookalike.query import QueryLike
+from lookalike.rerank import VERIFY
+from lookalike.search import Hit, Searcher
 
 logger = logging.getLogger(__name__)
-
-# Verification hook: (query image, its box, its neighbours) -> (len(neighbours),) inlier counts.
-Verifier = Callable[[Path, Box | None, Sequence[Hit]], np.ndarray]
 
 
 def vote_mass(scores: np.ndarray, p: float) -> np.ndarray:
@@ -131,8 +132,8 @@ def conf_inliers(ev: Evidence) -> float:
     """The most verified inliers among the neighbours with the winning label (0 ..)."""
     if ev.inliers is None:
         raise ConfigError(
-            "confidence 'inliers' needs verification inlier counts; pass inliers (or a "
-            "Recognizer verify=...) or choose another confidence"
+            "confidence 'inliers' needs verification inlier counts; pass inliers (or search "
+            "with the verify stage) or choose another confidence"
         )
     mine = [n for n, lb in zip(ev.inliers, ev.labels, strict=True) if lb == ev.label]
     return float(max(mine, default=0))
@@ -225,6 +226,16 @@ class Prediction:
     votes: list[tuple[str, float]]  # soft vote per label, largest first
     neighbours: list[Hit]  # the k neighbours that voted, best first
 
+    def to_dict(self, image: str) -> dict:
+        """The JSON form ``recognize --json`` prints for query ``image``."""
+        return {
+            "image": image,
+            "label": self.label,
+            "confidence": self.confidence,
+            "votes": [[label, vote] for label, vote in self.votes],
+            "neighbours": [h.to_dict() for h in self.neighbours],
+        }
+
 
 def predict(
     hits: Sequence[Hit],
@@ -252,23 +263,21 @@ def predict(
 
 
 class Recognizer:
-    """Predict labels for query images with a :class:`~lookalike.search.Searcher`.
+    """Predict labels for queries with a :class:`~lookalike.search.Searcher`.
+
+    With a searcher whose stages include ``verify``, the neighbours are re-ranked by
+    verification, vote with their fused scores (similarity + inlier bonus: a verified
+    neighbour outvotes unverified ones) and their inlier counts reach the confidence
+    (``"inliers"`` needs them).
 
     Args:
-        searcher: an open searcher on a labelled index.
+        searcher: a searcher on a labelled index, with the re-ranking stages to use.
         k: neighbours that vote.
         p: vote exponent.
         confidence: a key of :data:`CONFIDENCE`.
         min_confidence: abstain below this confidence; 0 never abstains when a labelled
             neighbour exists, except with ``distractor`` (negative when an unlabelled image
             is closer than the best match).
-        verify: optional geometric verification giving inlier counts per neighbour (a
-            hook; ``rerank`` with ``"verify"`` uses the searcher's own instead).
-        rerank: re-ranking stages of the search (``Searcher.search_files``); with
-            ``"verify"`` the neighbours are re-ranked by verification, vote with their
-            fused scores (similarity + inlier bonus: a verified neighbour outvotes
-            unverified ones) and their inlier counts reach the confidence (``"inliers"``
-            needs them).
     """
 
     def __init__(
@@ -278,8 +287,6 @@ class Recognizer:
         p: float = DEFAULT_P,
         confidence: str = DEFAULT_CONFIDENCE,
         min_confidence: float = 0.0,
-        verify: Verifier | None = None,
-        rerank: Sequence[str] = (),
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"k (neighbours that vote) must be a positive integer, got {k!r}")
@@ -290,9 +297,8 @@ class Recognizer:
         self.searcher = searcher
         self.k, self.p, self.confidence = k, float(p), confidence
         self.min_confidence = float(min_confidence)
-        self.verify = verify
-        self.rerank = tuple(rerank)
-        if confidence == "inliers" and verify is None and "verify" not in self.rerank:
+        self.verified = any(stage.name == VERIFY for stage in searcher.stages)
+        if confidence == "inliers" and not self.verified:
             raise ConfigError(
                 "confidence 'inliers' needs geometric verification: add verify to the "
                 "re-ranking stages (--rerank verify) or choose another confidence"
@@ -309,32 +315,41 @@ class Recognizer:
             out.append(predict(row, self.p, self.confidence, self.min_confidence, n))
         return out
 
-    def predict_files(
-        self, paths: Sequence[str | Path], boxes: Sequence[Box | None] | None = None
+    def predict(
+        self, queries: Sequence[QueryLike], progress: Callable[[int, int], None] | None = None
     ) -> list[Prediction]:
-        """Describe, search and recognise query images (cropped to ``boxes``)."""
-        if not paths:
+        """Search and recognise queries (anything :meth:`Searcher.search` takes)."""
+        if not queries:
             return []
-        scores, ids, verified = self.searcher.search_files_verified(
-            paths, k=self.k, boxes=boxes, rerank=self.rerank
-        )
-        results = self.searcher.results(scores, ids)
+        ranking = self.searcher.search(queries, k=self.k, progress=progress)
+        results = self.searcher.results(ranking)
         inliers = None
-        if "verify" in self.rerank:
+        if self.verified:  # unverified neighbours count 0 inliers
             inliers = [
-                _by_hit(hits, i_row, n_row)
-                for hits, i_row, n_row in zip(results, ids, verified, strict=True)
-            ]
-        elif self.verify is not None:
-            boxes = list(boxes) if boxes is not None else [None] * len(paths)
-            inliers = [
-                np.asarray(self.verify(Path(path), box, hits), dtype=np.float64)
-                for path, box, hits in zip(paths, boxes, results, strict=True)
+                np.array([max(h.inliers or 0, 0) for h in hits], np.float64) for hits in results
             ]
         return self.predict_hits(results, inliers)
 
 
-def _by_hit(hits: Sequence[Hit], ids: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-    """Inlier counts in the order of ``hits`` (0 for a result that was not verified)."""
-    by_id = {int(i): max(int(n), 0) for i, n in zip(ids, inliers, strict=True) if i >= 0}
-    return np.array([by_id.get(h.id, 0) for h in hits], dtype=np.float64)
+def recognize(
+    index_dir: str | Path,
+    queries: Sequence[QueryLike],
+    *,
+    k: int = DEFAULT_K,
+    p: float = DEFAULT_P,
+    confidence: str = DEFAULT_CONFIDENCE,
+    min_confidence: float = 0.0,
+    rerank: Sequence[str] = (),
+    verify: VerifyConf | dict | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Prediction]:
+    """``lookalike recognize`` in one call: open, search, vote, close."""
+    with Searcher.open(index_dir, rerank, verify, device=device) as searcher:
+        recognizer = Recognizer(searcher, k, p, confidence, min_confidence)
+        return recognizer.predict(queries, progress)
+
+
+def has_labels(store: IndexStore) -> bool:
+    """Whether some image of the index carries a label (stops at the first one)."""
+    return any(label_of(r.metadata) is not None for r in store.records("ok"))

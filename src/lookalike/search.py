@@ -1,16 +1,33 @@
-"""Search an index: by image file (optionally cropped), by indexed id, or by vector.
+"""Search an index: one entry point for every kind of query, then the re-ranking stages.
 
-Returns the faiss contract ``(scores (n, k) float32, ids (n, k) int64)``, best first, ``-1``
-for "no result"; :meth:`Searcher.results` joins them to paths and metadata.
+A :class:`Searcher` is built once over an open index with its extractor and its stages
+(:mod:`lookalike.rerank`) and answers :meth:`Searcher.search` for file paths, bytes, PIL
+images, indexed ids or vectors (:class:`~lookalike.query.Query`), each with an optional
+box. It is safe to share between threads, and it follows the index: changes another
+process commits become searchable at the next search (one cheap check per call).
+
+::
+
+    with Searcher.open("my.idx", rerank=["dba", "alpha-qe", "verify"]) as s:
+        ranking = s.search(["q.jpg", Query(image=jpeg_bytes, box=(0, 0, 200, 100)), 42], k=5)
+        ranking.scores, ranking.ids, ranking.inliers      # (3, 5) float32 / int64 / int64
+        for hit in s.results(ranking)[0]:
+            print(hit.rank, hit.score, hit.path)
+
+Returns the faiss contract ``(scores, ids)`` of shape ``(n, k)``, best first, ``-1`` for "no
+result", in a :class:`~lookalike.ranking.Ranking` (with ``inliers`` after verification);
+:meth:`Searcher.results` joins them to paths and metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,13 +35,14 @@ from lookalike.errors import ConfigError
 from lookalike.extract import ExtractConf, Extractor
 from lookalike.index import IndexStore
 from lookalike.local.conf import VerifyConf
-from lookalike.whitening import WhiteningConf
+from lookalike.query import Query, QueryContext, QueryLike
+from lookalike.ranking import Ranking, fuse_max
+from lookalike.rerank import Stage, StageResources, build_stages, stage_depths
 
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
-RERANK_DEPTH = 100  # first-stage results handed to the re-ranking stages
-QUERY_SETTINGS = ("query_rotations", "rotation_penalty")  # index settings that are ExtractConf's
+Progress = Callable[[int, int], None]  # (queries done, queries)
 
 
 @dataclass(frozen=True)
@@ -35,84 +53,114 @@ class Hit:
     id: int
     path: str
     score: float  # cosine similarity in the index space (less rotation_penalty for a match
-    #   found by a rotated query view); higher is more similar
+    #   found by a rotated query view; fused with inliers when verified); higher is better
     metadata: dict
+    inliers: int | None = None  # verified inlier count; None: not verified
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: rank, id, path, score (6 decimals), metadata and inliers when
+        present."""
+        d = dataclasses.asdict(self)
+        d["score"] = round(self.score, 6)
+        if not d["metadata"]:
+            d.pop("metadata")
+        if d["inliers"] is None:
+            d.pop("inliers")
+        return d
 
 
-def conf_from_descriptor(descriptor: dict, **overrides: object) -> ExtractConf:
-    """The :class:`ExtractConf` an index was built with, plus run-time overrides."""
-    d = dict(descriptor)
-    if d.get("whitening") is not None:
-        d["whitening"] = WhiteningConf(**d["whitening"])
-    d["scales"] = tuple(d["scales"])
-    return ExtractConf(**d).replace(**overrides) if overrides else ExtractConf(**d)
+@dataclass(frozen=True)
+class Answer:
+    """The results of one query, as ``search`` prints them."""
 
+    query: str  # Query.label
+    hits: list[Hit]
 
-def fuse_max(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge the rankings of several views of one query, keeping each id's best score.
-
-    Args:
-        scores: ``(v, k')`` float32 from searching ``v`` views.
-        ids: ``(v, k')`` int64, ``-1`` = no result.
-        k: results to keep.
-
-    Returns:
-        ``(k,)`` scores and ids, best first, padded with ``-inf`` / ``-1``.
-    """
-    best: dict[int, float] = {}
-    for s, i in zip(scores.ravel(), ids.ravel(), strict=True):
-        if i >= 0 and s > best.get(int(i), -np.inf):
-            best[int(i)] = float(s)
-    order = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    out_s = np.full(k, -np.inf, np.float32)
-    out_i = np.full(k, -1, np.int64)
-    for j, (i, s) in enumerate(order):
-        out_s[j], out_i[j] = s, i
-    return out_s, out_i
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "results": [h.to_dict() for h in self.hits]}
 
 
 class Searcher:
-    """Read-only access to an index for queries.
+    """Queries on one index with the re-ranking stages it was built with. Thread-safe.
 
     Args:
-        index_dir: the index directory.
-        runtime, device: where the query model runs (the descriptor settings come from the
-            index manifest, so queries are always described like the database).
-        extractor: a ready extractor with the index's settings (saves a model load).
+        store: the open index (read-only is the usual; :meth:`open` opens one).
+        extractor: the query extractor; None makes one with the index's settings on first
+            use. It must describe like the index (same descriptor settings, same weights).
+        stages: re-ranking stages (:func:`lookalike.rerank.build_stages`), in order.
+        conf: the query settings; default: the index's descriptor and query defaults.
+        resources: the stage state shared with sibling searchers (:meth:`with_stages`).
+        close_store: close ``store`` (and the resources) in :meth:`close`.
     """
 
     def __init__(
         self,
+        store: IndexStore,
+        extractor: Extractor | None = None,
+        stages: Sequence[Stage] = (),
+        *,
+        conf: ExtractConf | None = None,
+        resources: StageResources | None = None,
+        close_store: bool = False,
+    ) -> None:
+        self.store = store
+        self.conf = conf or ExtractConf.for_index(store.manifest, workers=0)
+        if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
+            raise ConfigError(
+                f"the extractor's settings differ from those index {store.path} was built with"
+            )
+        self._extractor = extractor
+        self._checked = False
+        self.stages: list[Stage] = list(stages)
+        self.resources = resources or StageResources(store)
+        self._close_store = close_store
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
         index_dir: str | Path,
+        rerank: Sequence[str] = (),
+        verify: VerifyConf | dict | None = None,
+        *,
         runtime: str = "auto",
         device: str = "auto",
         extractor: Extractor | None = None,
-        verify: VerifyConf | dict | None = None,
-    ) -> None:
-        self.store = IndexStore.open(index_dir, writable=False)
-        settings = self.store.settings  # query defaults recorded when the index was made
-        query = {k: settings[k] for k in QUERY_SETTINGS if k in settings}
-        if "query_rotations" in query:
-            query["query_rotations"] = tuple(query["query_rotations"])
-        self.conf = conf_from_descriptor(
-            self.store.manifest["descriptor"],
-            runtime=runtime,
-            device=device,
-            workers=0,
-            **query,
+    ) -> Searcher:
+        """A searcher over the index at ``index_dir`` (opened read-only, closed with it).
+
+        Args:
+            index_dir: the index directory.
+            rerank: re-ranking stage names, e.g. ``["dba", "alpha-qe", "verify"]``.
+            verify: verification settings: a :class:`VerifyConf`, or a dict of changes to
+                the index's recorded ones (``{"budget": 50}``).
+            runtime, device: where the query model runs (the descriptor settings come from
+                the index, so queries are always described like the database).
+            extractor: a ready extractor with the index's settings (saves a model load).
+        """
+        store = IndexStore.open(index_dir)
+        try:
+            conf = ExtractConf.for_index(store.manifest, runtime=runtime, device=device, workers=0)
+            resources = StageResources(store)
+            stages = build_stages(rerank, resources, _device(verify, device))
+            return cls(store, extractor, stages, conf=conf, resources=resources, close_store=True)
+        except BaseException:
+            store.close()
+            raise
+
+    def with_stages(
+        self, rerank: Sequence[str], verify: VerifyConf | dict | None = None
+    ) -> Searcher:
+        """A searcher over the same index, extractor and stage state with other stages."""
+        stages = build_stages(rerank, self.resources, verify)
+        return Searcher(
+            self.store, self._extractor, stages, conf=self.conf, resources=self.resources
         )
-        if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
-            raise ConfigError(
-                f"the extractor's settings differ from those index {index_dir} was built with"
-            )
-        self._extractor = extractor
-        self._verify_conf = verify
-        self._verifier = None
 
     def close(self) -> None:
-        if self._verifier is not None:
-            self._verifier.close()
-        self.store.close()
+        if self._close_store:
+            self.resources.close()
+            self.store.close()
 
     def __enter__(self) -> Searcher:
         return self
@@ -120,169 +168,166 @@ class Searcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def verifier(self):  # -> lookalike.rerank.verify.GeometricVerifier
-        """The ``verify`` stage: the index's local features (``index --local``) and the
-        settings it recorded, updated by the ``verify`` argument; made on first use."""
-        if self._verifier is None:
-            from lookalike.rerank.verify import GeometricVerifier, resolve_conf
-
-            conf = resolve_conf(self.store, self._verify_conf)
-            self._verifier = GeometricVerifier(self.store, conf)
-        return self._verifier
-
-    @property
-    def extractor(self) -> Extractor:
-        """The query extractor, loaded on first use."""
-        if self._extractor is None:
-            self._extractor = Extractor(self.conf)
-        return self._extractor
-
     def __len__(self) -> int:
         return len(self.store)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Search raw (unwhitened) ``(n, D)`` descriptors; ``k <= 0`` means the whole index."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.store.dim:
-            raise ConfigError(
-                f"query vectors must have shape (n, {self.store.dim}), got {vectors.shape}"
-            )
-        return self.store.search(vectors, k)
+    @property
+    def extractor(self) -> Extractor:
+        """The query extractor, loaded on first use (its weights checked against the
+        index's recorded hash)."""
+        with self._lock:
+            if self._extractor is None:
+                self._extractor = Extractor(self.conf)
+            if not self._checked:
+                backbone = getattr(self._extractor, "backbone", None)
+                if backbone is not None:
+                    self.store.check_weights(backbone.weights_id)
+                self._checked = True
+            return self._extractor
 
-    def search_ids(
-        self, ids: Sequence[int], k: int = 10, rerank: Sequence[str] = ()
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Use indexed images as queries (each finds itself first)."""
-        return self.search_ids_verified(ids, k, rerank)[:2]
+    # -- searching -------------------------------------------------------------------------
 
-    def search_ids_verified(
-        self, ids: Sequence[int], k: int = 10, rerank: Sequence[str] = ()
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`search_ids` plus ``(n, k)`` inlier counts (see :meth:`search_files_verified`)."""
-        ids = list(ids)
-        vectors = self.store.vectors(ids)
-        stages, verify = self._stages(rerank)
-        k_all = len(self.store) if k <= 0 else k
-        out = []
-        for image_id, v in zip(ids, vectors, strict=True):
-            query = (lambda i=image_id: self.verifier.features([int(i)])[0]) if verify else None
-            out.append(self._rank(v[None], k_all, np.zeros((1, 1), np.float32), stages, query))
-        return _stack(out, k_all)
-
-    def search_files(
+    def search(
         self,
-        paths: Sequence[str | Path],
+        queries: Sequence[QueryLike],
         k: int = 10,
-        boxes: Sequence[Box | None] | None = None,
         rotations: Sequence[int] | None = None,
-        rerank: Sequence[str] = (),
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Describe query images (cropped to ``boxes``) and search.
+        progress: Progress | None = None,
+    ) -> Ranking:
+        """Search, then run the stages, for every query.
 
-        Several ``rotations`` (degrees; default: the preset's ``query_rotations``, upright
-        first) search each view and keep every result's best score, the rotated views'
-        scores lowered by ``rotation_penalty``. ``rerank`` names re-ranking stages applied
-        to the top ``RERANK_DEPTH`` first-stage results: the descriptor-space ones
-        (:data:`lookalike.rerank.RERANKERS`) in order, then ``verify`` (geometric
-        verification, :attr:`verifier`) wherever it is listed.
+        Args:
+            queries: :class:`~lookalike.query.Query` objects, or what :meth:`Query.of`
+                takes: file paths, bytes, PIL images, indexed ids, ``(D,)`` vectors.
+            k: results per query; ``<= 0`` means the whole index.
+            rotations: query angles (degrees) for image queries that do not set their own;
+                default: the index's query defaults (rotated views' scores lowered by the
+                rotation penalty, each image's best score kept).
+            progress: called with (queries done, queries) after each query.
+
+        Returns:
+            The ``(n, k)`` batch ranking (``inliers`` field when verified).
+
+        Raises:
+            ConfigError: a bad query (unknown or failed id, wrong vector shape, ...);
+            ImageError: an unreadable query image.
         """
-        return self.search_files_verified(paths, k, boxes, rotations, rerank)[:2]
+        items = [Query.of(q) for q in queries]
+        self.store.refresh_if_changed()
+        for q in items:  # refuse a bad id before any image is described
+            if q.id is not None:
+                self._check_id(q.id)
+        k_all = len(self.store) if k <= 0 else int(k)
+        rows = []
+        for done, q in enumerate(items, 1):
+            rows.append(self._rank(q, k_all, rotations))
+            if progress is not None:
+                progress(done, len(items))
+        return Ranking.stack(rows, k_all)
 
-    def search_files_verified(
-        self,
-        paths: Sequence[str | Path],
-        k: int = 10,
-        boxes: Sequence[Box | None] | None = None,
-        rotations: Sequence[int] | None = None,
-        rerank: Sequence[str] = (),
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`search_files` plus ``(n, k)`` int64 inlier counts of the results: -1 for
-        results that were not verified (all of them when ``rerank`` has no ``verify``)."""
-        boxes = list(boxes) if boxes is not None else [None] * len(paths)
-        if len(boxes) != len(paths):
-            raise ConfigError(f"{len(paths)} query images but {len(boxes)} boxes")
-        stages, verify = self._stages(rerank)
-        k_all = len(self.store) if k <= 0 else k
-        rots = tuple(self.conf.query_rotations if rotations is None else rotations)
-        penalty = np.array([0.0 if r % 360 == 0 else self.conf.rotation_penalty for r in rots])
-        penalty = penalty.astype(np.float32)[:, None]
-        out = []
-        for path, box in zip(paths, boxes, strict=True):
-            views = self.extractor.extract_query(path, box, rots)
-            query = (lambda p=path, b=box: self.verifier.query_features(p, b)) if verify else None
-            out.append(self._rank(views, k_all, penalty, stages, query))
-        return _stack(out, k_all)
-
-    def _rank(
-        self,
-        views: np.ndarray,
-        k: int,
-        penalty: np.ndarray,
-        stages: list,
-        local_query: Callable[[], dict] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One query's ``(k,)`` ranking and inliers from its raw ``(v, D)`` views (upright
-        first); ``local_query`` gives its local features when the ranking is verified."""
-        budget = self.verifier.conf.budget if local_query is not None else 0
-        reranked = bool(stages) or local_query is not None
-        depth = max(k, RERANK_DEPTH, budget) if reranked else k
+    def _rank(self, query: Query, k: int, rotations: Sequence[int] | None) -> Ranking:
+        """One query's ``(k,)`` ranking: first stage (views fused), then the stages."""
+        views, penalty = self._views(query, rotations)
+        depth, outs = stage_depths(self.stages, k)
         scores, ids = self.store.search(views, depth)
         # a rotated view must beat the upright one by a margin: upright photos are the norm
         scores -= penalty
-        if len(views) > 1:
-            scores, ids = fuse_max(scores, ids, depth)
-        else:
-            scores, ids = scores[0], ids[0]
-        if stages:
-            from lookalike.rerank import run_pipeline
+        ranking = fuse_max(scores, ids, depth) if len(views) > 1 else Ranking(scores[0], ids[0])
+        if not self.stages:
+            return ranking.fit(k)
+        context = QueryContext(query, self.resources.source.to_index_space(views[:1])[0])
+        for stage, out in zip(self.stages, outs, strict=True):
+            ranking = stage(context, ranking, out)
+        return ranking.fit(k)
 
-            query = self.store.index_space(views[:1])[0]
-            scores, ids = run_pipeline(stages, self.store, query, scores, ids, max(k, budget))
-        inliers = np.full(len(ids), -1, np.int64)
-        if local_query is not None:
-            scores, ids, inliers = self.verifier(local_query(), scores, ids, k)
-        return scores[:k], ids[:k], inliers[:k]
+    def _views(
+        self, query: Query, rotations: Sequence[int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ``(v, D)`` descriptors of the query's views, upright first, and ``(v, 1)``
+        score penalties."""
+        if query.id is not None:
+            return self.store.vectors([query.id]), np.zeros((1, 1), np.float32)
+        if query.vector is not None:
+            views = np.asarray(query.vector, dtype=np.float32)
+            views = views[None] if views.ndim == 1 else views
+            if views.shape[1] != self.store.dim:
+                raise ConfigError(
+                    f"query vectors must have {self.store.dim} values (this index's "
+                    f"descriptors), got shape {tuple(np.shape(query.vector))}"
+                )
+            default = (0,) if len(views) == 1 else self.conf.query_rotations
+            angles = query.rotations or default
+            if len(angles) != len(views):
+                raise ConfigError(f"{len(views)} query views but {len(angles)} rotations")
+            return views, self._penalty(angles)
+        angles = tuple(query.rotations or rotations or self.conf.query_rotations)
+        views = self.extractor.extract_query(query.image, query.box, angles)
+        return views, self._penalty(angles)
 
-    def _stages(self, names: Sequence[str]) -> tuple[list, bool]:
-        """The descriptor-space stages for ``names`` and whether ``verify`` is among them."""
-        if not names:
-            return [], False
-        from lookalike.rerank import descriptor_pipeline
-        from lookalike.rerank.verify import check_stage_names
+    def _penalty(self, angles: Sequence[int]) -> np.ndarray:
+        penalty = [0.0 if a % 360 == 0 else self.conf.rotation_penalty for a in angles]
+        return np.asarray(penalty, np.float32)[:, None]
 
-        descriptor, verify = check_stage_names(list(names))
-        return descriptor_pipeline(descriptor), verify
+    def _check_id(self, image_id: int) -> None:
+        (record,) = self.store.get([image_id])
+        if record is None:
+            raise ConfigError(f"no image with id {image_id} in index {self.store.path}")
+        if record.status != "ok":
+            raise ConfigError(
+                f"image id {image_id} ({record.path}) failed to index, so it has no descriptor "
+                f"to search with: {record.error}"
+            )
 
-    def results(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
-        """Join ``(n, k)`` search output to paths and metadata (``-1`` entries dropped)."""
-        flat = sorted({int(i) for i in ids.ravel() if i >= 0})
+    # -- results ---------------------------------------------------------------------------
+
+    def results(self, ranking: Ranking) -> list[list[Hit]]:
+        """Join an ``(n, k)`` ranking to paths and metadata (``-1`` entries dropped)."""
+        flat = sorted({int(i) for i in ranking.ids.ravel() if i >= 0})
         records = {i: r for i, r in zip(flat, self.store.get(flat), strict=True) if r is not None}
+        inliers = ranking.inliers
         out = []
-        for s_row, i_row in zip(scores, ids, strict=True):
+        for row in range(ranking.ids.shape[0]):
             hits = []
-            for s, i in zip(s_row, i_row, strict=True):
+            for col, (s, i) in enumerate(zip(ranking.scores[row], ranking.ids[row], strict=True)):
                 rec = records.get(int(i))
-                if rec is not None:
-                    hits.append(Hit(len(hits) + 1, rec.id, rec.path, float(s), rec.metadata))
+                if rec is None:
+                    continue
+                n = None if inliers is None or inliers[row, col] < 0 else int(inliers[row, col])
+                hits.append(Hit(len(hits) + 1, rec.id, rec.path, float(s), rec.metadata, n))
             out.append(hits)
         return out
 
+    def answer(
+        self,
+        queries: Sequence[QueryLike],
+        k: int = 10,
+        rotations: Sequence[int] | None = None,
+        progress: Progress | None = None,
+    ) -> list[Answer]:
+        """:meth:`search` joined to the records: what ``lookalike search`` prints."""
+        items = [Query.of(q) for q in queries]
+        hits = self.results(self.search(items, k, rotations, progress))
+        return [Answer(q.label, h) for q, h in zip(items, hits, strict=True)]
 
-def _stack(rows: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, ...]:
-    """Per-query ``(scores, ids, inliers)`` rows as ``(n, k)`` arrays (n may be 0)."""
-    if not rows:
-        return (
-            np.zeros((0, max(k, 0)), np.float32),
-            np.zeros((0, max(k, 0)), np.int64),
-            np.zeros((0, max(k, 0)), np.int64),
-        )
-    return tuple(np.stack([r[j] for r in rows]) for j in range(3))
+
+def _device(verify: VerifyConf | dict | None, device: str) -> VerifyConf | dict | None:
+    """Verification settings with the search's device, unless they name their own."""
+    if device == "auto" or isinstance(verify, VerifyConf):
+        return verify
+    return {"device": device, **(verify or {})}
 
 
-def hit_to_dict(hit: Hit) -> dict:
-    """The JSON form of a hit: rank, id, path, score (+ metadata when present)."""
-    d = dataclasses.asdict(hit)
-    if not d["metadata"]:
-        d.pop("metadata")
-    return d
+def search(
+    index_dir: str | Path,
+    queries: Sequence[QueryLike],
+    k: int = 10,
+    *,
+    rerank: Sequence[str] = (),
+    verify: VerifyConf | dict | None = None,
+    rotations: Sequence[int] | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> list[Answer]:
+    """``lookalike search`` in one call: open, search, join, close."""
+    with Searcher.open(index_dir, rerank, verify, device=device) as searcher:
+        return searcher.answer(queries, k, rotations, progress)

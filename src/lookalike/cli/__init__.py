@@ -1,7 +1,8 @@
 """The ``lookalike`` command: index, search, recognize, match, remove, info, eval, presets.
 
-Thin by design: each command parses its options, calls one stage (``indexing``, ``search``,
-``recognize``, ``index``, ``evaluate``) and formats the result. The parser and :func:`main`
+Thin by design: each command parses its options, calls one function of a stage
+(``indexing``, ``search``, ``recognize``, ``local``, ``evaluate``, ``presets``) and formats the
+result; ``--json`` prints what that function returned. The parser and :func:`main`
 live here; the commands live by topic in :mod:`~lookalike.cli.index_commands`,
 :mod:`~lookalike.cli.query_commands` and :mod:`~lookalike.cli.eval_commands`, the shared
 options in :mod:`~lookalike.cli.options`, and logging handlers and progress bars in
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_descriptor_options(p)
     add_local_options(p, at_index=True)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", parents=[common], help="find the indexed images most alike")
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, required=True, help="index directory")
     p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="indexed image paths")
     p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="image ids")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("info", parents=[common], help="describe an index")
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_descriptor_options(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("presets", parents=[common], help="list extract and index presets")
+    p = sub.add_parser("presets", parents=[common], help="list every stage's named presets")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_presets)
     return parser
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from lookalike.cli.options import extract_conf, index_conf, manifest_of
 from lookalike.cli.ui import Ui, stdout_console
 
 DATASET_KINDS = ("oxford5k", "holidays", "paris6k", "folder")  # keys of evaluate.DATASETS
@@ -19,32 +17,33 @@ TIMINGS = ("images", "failed", "queries", "index_seconds", "images_per_second", 
 
 
 def cmd_eval(args: argparse.Namespace, ui: Ui) -> int:
-    import tempfile
+    from lookalike.evaluate import evaluate
 
-    from lookalike.evaluate import evaluate_dataset, load_dataset
-
-    dataset = load_dataset(args.dataset, args.root)
-    manifest = manifest_of(args.index)
-    name, conf = extract_conf(args, manifest)
-    ic = index_conf(args, manifest)
-    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
-        index_dir = args.index if args.index is not None else Path(tmp) / "index"
-        with ui.bars() as bars:
-            callbacks = {
-                "index": bars.callback("indexing", "img"),
-                "search": bars.callback("queries", "query"),
-            }
-            result = evaluate_dataset(
-                dataset,
-                index_dir,
-                conf,
-                ic,
-                progress=lambda stage, done, total: callbacks[stage](done, total),
-                chunk=args.chunk,
-            )
-    result = {"dataset": result.pop("dataset"), "preset": name, **result}
+    with ui.bars() as bars:
+        callbacks = {
+            "index": bars.callback("indexing", "img"),
+            "search": bars.callback("queries", "query"),
+        }
+        result = evaluate(
+            args.dataset,
+            args.root,
+            args.index,
+            args.preset,
+            progress=lambda stage, done, total: callbacks[stage](done, total),
+            chunk=args.chunk,
+            model=args.model,
+            weights=args.weights,
+            image_size=args.image_size,
+            pooling=args.pooling,
+            factory=args.factory,
+            index_preset=args.index_preset,
+            backend=args.backend,
+            device=args.device,
+            workers=args.workers,
+        )
     from rich.table import Table
 
+    name = result["preset"]
     table = Table(title=f"{args.dataset} {result['dataset']}, preset {name}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -73,41 +72,41 @@ def show(value: object) -> str:
 def cmd_presets(args: argparse.Namespace, ui: Ui) -> int:
     from rich.table import Table
 
-    from lookalike.extract import EXTRACT_PRESETS
-    from lookalike.index import INDEX_PRESETS
+    from lookalike.presets import presets
 
+    tables = presets()
+    if args.json:
+        print(json.dumps(tables, indent=2))
+        return 0
     extract = Table(title="extract presets (--preset)", title_justify="left")
     for column in ("name", "model", "image size", "scales", "pooling", "whitening", "rotations"):
         extract.add_column(column)
-    for name, c in EXTRACT_PRESETS.items():
-        white = "off" if c.whitening is None else show(vars(c.whitening))
-        pooling = f"gem p={c.gem_p}" if c.pooling == "gem" else c.pooling
-        row = (c.model, c.image_size, c.scales, pooling, white, c.query_rotations)
+    for name, c in tables["extract"].items():
+        white = "off" if c["whitening"] is None else show(c["whitening"])
+        pooling = f"gem p={c['gem_p']}" if c["pooling"] == "gem" else c["pooling"]
+        row = (c["model"], c["image_size"], c["scales"], pooling, white, c["query_rotations"])
         extract.add_row(name, *map(show, row))
     index = Table(title="index presets (--index-preset)", title_justify="left")
-    for column in ("name", "factory", "nprobe", "ef_search"):
+    for column in ("name", "backend", "factory", "nprobe", "ef_search"):
         index.add_column(column)
-    for name, ic in INDEX_PRESETS.items():
-        index.add_row(name, ic.factory, str(ic.nprobe), str(ic.ef_search))
-    from lookalike.local.conf import VERIFY_PRESETS
-    from lookalike.rerank import DBA_PRESETS, QE_PRESETS
-
+    for name, ic in tables["index"].items():
+        index.add_row(name, ic["backend"], ic["factory"], str(ic["nprobe"]), str(ic["ef_search"]))
     rerank = Table(title="re-ranking stages (--rerank a,b,...)", title_justify="left")
     for column in ("stage", "settings"):
         rerank.add_column(column)
-    for name, qe in QE_PRESETS.items():
-        rerank.add_row(name, show(vars(qe)))
-    for name, dba in DBA_PRESETS.items():
-        rerank.add_row(name, show({k: v for k, v in vars(dba).items() if v is not None}))
-    rerank.add_row("verify", "local features + MAGSAC++ on the top `budget`, always last")
+    for name, entry in tables["rerank"].items():
+        ((_, settings),) = entry.items()
+        if isinstance(settings, dict):
+            settings = {k: v for k, v in settings.items() if v is not None}
+        rerank.add_row(name, show(settings))
     verify = Table(
         title="verify presets (index --local NAME picks the one for NAME)", title_justify="left"
     )
     columns = ("features", "max_keypoints", "max_side", "ratio", "model", "threshold_px")
     for column in ("name", *columns, "budget", "fusion"):
         verify.add_column(column)
-    for name, vc in VERIFY_PRESETS.items():
-        verify.add_row(name, *(show(getattr(vc, c)) for c in (*columns, "budget", "fusion")))
+    for name, vc in tables["verify"].items():
+        verify.add_row(name, *(show(vc[c]) for c in (*columns, "budget", "fusion")))
     console = stdout_console()
     console.print(extract)
     console.print(index)

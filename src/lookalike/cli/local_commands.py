@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from lookalike.cli.options import local_weights
 from lookalike.cli.ui import Ui
 
 
 def cmd_match(args: argparse.Namespace, ui: Ui) -> int:
-    from lookalike.local.conf import local_preset
+    from lookalike.local.conf import local_conf
     from lookalike.local.pair import match_files
 
-    conf = local_preset(args.local)
-    weights = local_weights(args)
-    if weights is not None:
-        conf = conf.replace(weights=weights)
+    conf = local_conf(args.local, weights=args.local_weights)
     a, b = args.images
     result = match_files(a, b, conf, args.out)
     v = result.verification

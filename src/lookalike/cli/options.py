@@ -1,8 +1,8 @@
-"""Options shared by several commands: argparse types, value parsers, descriptor settings.
+"""Options shared by several commands: argparse types, value parsers, option groups.
 
-:func:`extract_conf` and :func:`index_conf` turn the descriptor options into the stage
-configurations, preferring what an existing index records so that re-running a command on
-it needs no options repeated.
+The options only name settings; choosing them (the index's own unless others are asked
+for) is :func:`lookalike.indexing.resolve_settings`'s, checking local-feature options is
+:mod:`lookalike.local.conf`'s.
 """
 
 from __future__ import annotations
@@ -10,21 +10,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from lookalike.errors import ConfigError, IndexStateError
+from lookalike.errors import ConfigError
 
-if TYPE_CHECKING:
-    from lookalike.extract import ExtractConf
-    from lookalike.index import IndexConf
-    from lookalike.local.conf import VerifyConf
-
-DESCRIPTOR_OPTIONS = ("model", "weights", "image_size", "pooling")  # ExtractConf fields
 DEVICES = ("auto", "cpu", "cuda")
 # Spelled out so that `lookalike --help` imports no OpenCV; tests compare them with the
 # registries (lookalike.local.LOCAL_FEATURES, lookalike.local.FUSIONS).
 LOCAL_CHOICES = ("sift", "rootsift", "orb", "akaze", "aliked")
 FUSION_CHOICES = ("inliers", "sim_sqrt_inliers", "sim_plus_inliers")
+BACKEND_CHOICES = ("faiss", "numpy")  # lookalike.index.conf.BACKEND_NAMES
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -78,54 +72,31 @@ def add_descriptor_options(p: argparse.ArgumentParser) -> None:
     x = p.add_mutually_exclusive_group()
     x.add_argument("--factory", help="faiss index_factory string for a new index, e.g. HNSW32")
     x.add_argument("--index-preset", help="index preset for a new index (see `lookalike presets`)")
+    p.add_argument(
+        "--backend", choices=BACKEND_CHOICES, help="vector backend of a new index (faiss)"
+    )
     p.add_argument("--workers", type=int_at_least(0), help="image decoding processes")
     p.add_argument("--device", choices=DEVICES, help="where the model runs")
     p.add_argument("--chunk", type=int_at_least(1), default=32, help=argparse.SUPPRESS)
 
 
-def manifest_of(index_dir: Path | None) -> dict | None:
-    """The manifest of an existing index, None where there is none yet."""
-    from lookalike.index.manifest import MANIFEST_NAME, read_manifest
+def settings_of(args: argparse.Namespace, index_dir: Path | None):  # -> Settings
+    """The run's settings (:func:`lookalike.indexing.resolve_settings`) from the options."""
+    from lookalike.indexing.settings import resolve_settings
 
-    if index_dir is None or not (index_dir.expanduser() / MANIFEST_NAME).exists():
-        return None
-    return read_manifest(index_dir.expanduser())
-
-
-def extract_conf(args: argparse.Namespace, manifest: dict | None) -> tuple[str, ExtractConf]:
-    """``(preset name, conf)``: the index's own settings unless descriptor options are given."""
-    from lookalike.extract import get_preset
-    from lookalike.search import conf_from_descriptor
-
-    overrides: dict[str, object] = {
-        k: getattr(args, k) for k in DESCRIPTOR_OPTIONS if getattr(args, k) is not None
-    }
-    if "weights" in overrides:
-        overrides["weights"] = str(Path(str(overrides["weights"])).expanduser().resolve())
-    if args.preset is None and not overrides and manifest is not None:
-        try:
-            name, conf = "(from index)", conf_from_descriptor(manifest["descriptor"])
-        except TypeError as error:
-            raise IndexStateError(
-                f"the index's descriptor settings are not understood ({error}); upgrade "
-                "lookalike or give --preset"
-            ) from None
-    else:
-        name = args.preset or "default"
-        conf = get_preset(name).replace(**overrides) if overrides else get_preset(name)
-    runtime = {"device": args.device, "workers": args.workers}
-    return name, conf.replace(**{k: v for k, v in runtime.items() if v is not None})
-
-
-def index_conf(args: argparse.Namespace, manifest: dict | None) -> IndexConf:
-    """The faiss structure: ``--factory`` / ``--index-preset``, else the index's own."""
-    from lookalike.index import IndexConf, get_index_conf
-
-    if args.factory is not None:
-        return IndexConf(factory=args.factory)
-    if args.index_preset is not None:
-        return get_index_conf(args.index_preset)
-    return IndexConf.from_dict(manifest["index"]) if manifest is not None else IndexConf()
+    return resolve_settings(
+        index_dir,
+        args.preset,
+        model=args.model,
+        weights=args.weights,
+        image_size=args.image_size,
+        pooling=args.pooling,
+        factory=args.factory,
+        index_preset=args.index_preset,
+        backend=args.backend,
+        device=args.device,
+        workers=args.workers,
+    )
 
 
 def add_local_options(p: argparse.ArgumentParser, at_index: bool) -> None:
@@ -159,36 +130,13 @@ def add_local_options(p: argparse.ArgumentParser, at_index: bool) -> None:
     )
 
 
-def local_weights(args: argparse.Namespace) -> str | None:
-    if args.local_weights is None:
-        return None
-    path = Path(args.local_weights).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"--local-weights {args.local_weights}: no such file")
-    return str(path)
-
-
-def index_verify_conf(args: argparse.Namespace) -> VerifyConf | None:
+def index_verify_conf(args: argparse.Namespace):  # -> VerifyConf | None
     """What ``index --local NAME [...]`` asks to store; None without ``--local``."""
-    from lookalike.local.conf import local_preset
+    from lookalike.local.conf import local_conf
 
-    if args.local is None:
-        given = [
-            f"--{k.replace('_', '-')}"
-            for k in ("local_keypoints", "local_side", "local_weights")
-            if getattr(args, k) is not None
-        ]
-        if given:
-            raise ConfigError(f"{', '.join(given)} need --local NAME")
-        return None
-    conf = local_preset(args.local)
-    changes = {
-        "max_keypoints": args.local_keypoints,
-        "max_side": args.local_side,
-        "weights": local_weights(args),
-        "device": args.device,
-    }
-    return conf.replace(**{k: v for k, v in changes.items() if v is not None})
+    return local_conf(
+        args.local, args.local_keypoints, args.local_side, args.local_weights, args.device
+    )
 
 
 def verify_overrides(args: argparse.Namespace, rerank: list[str]) -> dict:
@@ -197,7 +145,7 @@ def verify_overrides(args: argparse.Namespace, rerank: list[str]) -> dict:
     Raises:
         ConfigError: verification options without ``verify`` among the ``rerank`` stages.
     """
-    from lookalike.local.conf import local_preset
+    from lookalike.local.conf import verify_changes
 
     given = [
         f"--{k.replace('_', '-')}"
@@ -206,18 +154,9 @@ def verify_overrides(args: argparse.Namespace, rerank: list[str]) -> dict:
     ]
     if given and "verify" not in rerank:
         raise ConfigError(f"{', '.join(given)} apply to verification: add --rerank verify")
-    changes: dict[str, object] = {"device": args.device}
-    if args.local is not None:
-        preset = local_preset(args.local)
-        for key in ("features", "max_keypoints", "max_side", "ratio"):
-            changes[key] = getattr(preset, key)
-    if args.local_weights is not None:
-        changes["weights"] = local_weights(args)
-    if args.verify_budget is not None:
-        changes["budget"] = args.verify_budget
-    if args.fusion is not None:
-        changes["fusion"] = args.fusion
-    return changes
+    return verify_changes(
+        args.local, args.local_weights, args.verify_budget, args.fusion, args.device
+    )
 
 
 def parse_rerank(text: str) -> list[str]:

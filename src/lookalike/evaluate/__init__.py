@@ -25,7 +25,7 @@ from lookalike.evaluate.metrics import (
     precision_at_k,
     recall_at_k,
 )
-from lookalike.evaluate.run import evaluate_dataset
+from lookalike.evaluate.run import evaluate, evaluate_dataset
 
 __all__ = [
     "DATASETS",
@@ -34,6 +34,7 @@ __all__ = [
     "apply_exclusions",
     "average_precision",
     "average_precision_at_k",
+    "evaluate",
     "evaluate_dataset",
     "evaluate_rankings",
     "global_average_precision",

@@ -25,6 +25,7 @@ from lookalike.evaluate.metrics import evaluate_rankings
 from lookalike.extract import ExtractConf, Extractor
 from lookalike.index import IndexConf
 from lookalike.indexing import index_files
+from lookalike.query import Query
 from lookalike.search import Searcher
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def evaluate_dataset(
 
     rankings: list[np.ndarray] = []
     elapsed = 0.0
-    with Searcher(index_dir, conf.runtime, conf.device, extractor=extractor) as searcher:
+    with Searcher.open(
+        index_dir, runtime=conf.runtime, device=conf.device, extractor=extractor
+    ) as searcher:
         # index id -> position in dataset.images; -1 for files of the index not in the dataset
         position = {str(Path(p).expanduser().resolve()): i for i, p in enumerate(dataset.images)}
         records = list(searcher.store.records(status="ok"))
@@ -106,14 +109,14 @@ def evaluate_dataset(
             progress("search", 0, len(dataset.queries))
         for done, query in enumerate(dataset.queries, 1):
             start = time.perf_counter()
-            # The manifest does not keep query-time settings: pass the preset's rotations.
-            _, ids = searcher.search_files(
-                [query.image], k=k, boxes=[query.box], rotations=conf.query_rotations
+            # the preset's rotations, which may differ from the index's query defaults
+            ranking = searcher.search(
+                [Query(image=query.image, box=query.box)], k=k, rotations=conf.query_rotations
             )
             elapsed += time.perf_counter() - start
-            row = ids[0][ids[0] >= 0]
-            ranking = to_position[row]
-            rankings.append(apply_exclusions(ranking[ranking >= 0], query))
+            row = ranking.ids[0][ranking.ids[0] >= 0]
+            ranking_positions = to_position[row]
+            rankings.append(apply_exclusions(ranking_positions[ranking_positions >= 0], query))
             if progress is not None:
                 progress("search", done, len(dataset.queries))
 
@@ -139,3 +142,35 @@ def evaluate_dataset(
 def _finite_or_none(value: float) -> float | None:
     """``nan`` (no query with positives) as None, so the result is valid JSON."""
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def evaluate(
+    kind: str,
+    root: str | Path,
+    index_dir: str | Path | None = None,
+    preset: str | None = None,
+    progress: StageProgress | None = None,
+    *,
+    chunk: int = 32,
+    **options: object,
+) -> dict:
+    """``lookalike eval`` in one call: load the benchmark, resolve the settings (the index's
+    own, or ``preset`` and ``options`` as for :func:`lookalike.indexing.resolve_settings`),
+    index into ``index_dir`` (a temporary directory when None) and score.
+
+    Returns:
+        :func:`evaluate_dataset`'s result with ``"preset"`` after ``"dataset"``.
+    """
+    import tempfile
+
+    from lookalike.evaluate.datasets import load_dataset
+    from lookalike.indexing.settings import resolve_settings
+
+    dataset = load_dataset(kind, root)
+    settings = resolve_settings(index_dir, preset, **options)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
+        target = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
+        result = evaluate_dataset(
+            dataset, target, settings.extract, settings.index, progress=progress, chunk=chunk
+        )
+    return {"dataset": result.pop("dataset"), "preset": settings.preset, **result}

@@ -1,8 +1,9 @@
 """Index settings, named presets and the records exchanged with the indexing pipeline.
 
-An index is configured by a faiss ``index_factory`` string over inner-product similarity
-(descriptors are L2-normalised, so inner product is cosine similarity) plus the search-time
-knobs of the structures that have them.
+An index is configured by its vector backend (:data:`lookalike.index.backends.BACKENDS`:
+faiss, or the plain numpy reference) and, for faiss, an ``index_factory`` string over
+inner-product similarity (descriptors are L2-normalised, so inner product is cosine
+similarity) plus the search-time knobs of the structures that have them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 
 from lookalike.errors import ConfigError
 
+# Spelled out so that reading a configuration imports no engine; a test checks them against
+# lookalike.index.backends.BACKENDS.
+BACKEND_NAMES = ("faiss", "numpy")
+
 
 @dataclass(frozen=True)
 class IndexConf:
@@ -20,10 +25,15 @@ class IndexConf:
     factory: str = "Flat"  # faiss index_factory string (inner product); "Flat" = exact brute force
     nprobe: int = 16  # IVF: inverted lists visited per query, more = slower, better; else ignored
     ef_search: int = 128  # HNSW: candidate list size per query, more = slower, better; else ignored
+    backend: str = "faiss"  # vector engine, a BACKEND_NAMES entry; "numpy" is the plain reference
 
     def __post_init__(self) -> None:
         if not isinstance(self.factory, str) or not self.factory.strip():
             raise ConfigError("index factory must be a non-empty faiss index_factory string")
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(
+                f"unknown vector backend {self.backend!r}; choose one of {', '.join(BACKEND_NAMES)}"
+            )
         for name in ("nprobe", "ef_search"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -32,6 +42,7 @@ class IndexConf:
     def to_dict(self) -> dict:
         """The ``index`` section of the manifest."""
         return {
+            "backend": self.backend,
             "factory": self.factory,
             "nprobe": int(self.nprobe),
             "ef_search": int(self.ef_search),
@@ -39,17 +50,19 @@ class IndexConf:
 
     @classmethod
     def from_dict(cls, data: dict) -> IndexConf:
-        """Inverse of :meth:`to_dict`; missing search knobs take their defaults."""
+        """Inverse of :meth:`to_dict`; missing keys take their defaults (format 1 indexes
+        have no ``backend``: faiss). ``ConfigError`` for values of the wrong type."""
         defaults = cls()
         return cls(
-            factory=str(data.get("factory", defaults.factory)),
-            nprobe=int(data.get("nprobe", defaults.nprobe)),
-            ef_search=int(data.get("ef_search", defaults.ef_search)),
+            factory=data.get("factory", defaults.factory),
+            nprobe=data.get("nprobe", defaults.nprobe),
+            ef_search=data.get("ef_search", defaults.ef_search),
+            backend=data.get("backend", defaults.backend),
         )
 
 
 # Trained structures (IVF, PQ, SQ) answer with an exact flat index until the collection is
-# large enough to train them; see :func:`lookalike.index.backend.min_train_size`.
+# large enough to train them; see :func:`lookalike.index.backends.faiss_backend.min_train_size`.
 INDEX_PRESETS: dict[str, IndexConf] = {
     "exact": IndexConf(),  # brute force, exact; fine up to ~1M x 1280-d on one machine
     "hnsw": IndexConf(factory="HNSW32"),  # graph, no training, fast; removals are tombstoned
@@ -57,6 +70,7 @@ INDEX_PRESETS: dict[str, IndexConf] = {
     "ivf": IndexConf(factory="IVF1024,Flat"),  # inverted lists of full vectors, trained at 41k
     "ivfsq8": IndexConf(factory="IVF1024,SQ8"),  # inverted lists of 8-bit codes, trained at 41k
     "ivfpq": IndexConf(factory="IVF1024,PQ32"),  # 32-byte product codes: large collections
+    "numpy": IndexConf(backend="numpy"),  # plain numpy brute force: the reference backend
 }
 
 
@@ -75,32 +89,6 @@ def faiss_message(error: BaseException) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else repr(error)
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", text).removeprefix("Error: ")
-
-
-def validate_factory(factory: str, dim: int) -> None:
-    """Build ``factory`` once at ``dim`` to check it; ``ConfigError`` with faiss's reason if not.
-
-    Args:
-        factory: faiss ``index_factory`` string, e.g. ``"IVF1024,PQ32"``.
-        dim: descriptor dimension the structure will hold (after whitening).
-    """
-    import faiss
-
-    if dim < 1:
-        raise ConfigError(f"index dimension must be >= 1, got {dim}")
-    if factory.replace(" ", "").upper().startswith("IDMAP"):
-        raise ConfigError(
-            f"index factory {factory!r} starts with IDMap; the index maps image ids itself, "
-            "drop the 'IDMap,' prefix"
-        )
-    try:
-        faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise ConfigError(
-            f"invalid index factory {factory!r} for {dim}-d inner-product descriptors: "
-            f"{faiss_message(error)}; see the faiss wiki 'The index factory' or use a preset "
-            f"({', '.join(sorted(INDEX_PRESETS))})"
-        ) from None
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Bringing the in-memory faiss index up to date with what SQLite says.
+"""Bringing the in-memory vector backend up to date with what SQLite says.
 
-A *view* is a faiss backend plus the whitening it was built with and the last op it
-reflects. Loading reads the manifest, the whitening, the named checkpoint, then replays the
-``ops`` logged after it, inside one SQLite read transaction so the replay sees one consistent
-state. Writes thus become visible as soon as they commit; the checkpoint only saves time.
+A *view* is a vector backend (:mod:`lookalike.index.backends`) plus the whitening it was
+built with and the last op it reflects. Loading reads the manifest, the whitening, the named
+checkpoint, then replays the ``ops`` logged after it, inside one SQLite read transaction so
+the replay sees one consistent state. Writes thus become visible as soon as they commit; the
+checkpoint only saves time.
 
 Races with the writer are resolved by retrying: a checkpoint deleted meanwhile, ops pruned
 past the checkpoint by a compaction, a vector file replaced by a compaction, or a whitening
@@ -23,9 +24,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lookalike.errors import IndexStateError
-from lookalike.index.backend import Backend
-from lookalike.index.conf import IndexConf, faiss_message
-from lookalike.index.manifest import read_manifest
+from lookalike.index.backends import (
+    CheckpointError,
+    VectorBackend,
+    build_backend,
+    create_backend,
+    load_backend,
+)
+from lookalike.index.conf import IndexConf
+from lookalike.index.manifest import CheckpointRef, read_manifest
 from lookalike.index.metadata import MetaDB
 from lookalike.index.vectors import DEFAULT_NAME, VectorFile
 
@@ -49,7 +56,7 @@ class View:
     """The in-memory search state.
 
     Attributes:
-        backend: the faiss structure.
+        backend: the vector backend.
         whitening: applied to stored and query descriptors, or None.
         seq: the newest op reflected in ``backend``.
         epoch: ``manifest.whitening.epoch`` the view was built under.
@@ -57,7 +64,7 @@ class View:
             replayed from nothing, so a writer's next checkpoint should be written).
     """
 
-    backend: Backend
+    backend: VectorBackend
     whitening: Whitening | None
     seq: int
     epoch: int
@@ -65,13 +72,23 @@ class View:
 
 
 def load_whitening(root: Path) -> Whitening | None:
-    """``root/whitening.npz`` if present (the file, not the manifest flag, is authoritative)."""
+    """``root/whitening.npz`` if present (the file, not the manifest flag, is authoritative).
+
+    Raises:
+        IndexStateError: the file is unreadable.
+    """
     path = root / WHITENING_NAME
     if not path.exists():
         return None
     from lookalike.whitening import Whitening  # imports torch: only when there is one
 
-    return Whitening.load(path)
+    try:
+        return Whitening.load(path)
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise IndexStateError(
+            f"{path} is unreadable ({error}); the index is damaged, rebuild it into a new "
+            "--index directory"
+        ) from None
 
 
 def prepare(raw: np.ndarray, whitening: Whitening | None) -> np.ndarray:
@@ -116,10 +133,10 @@ class Loader:
 
     def _load_once(self, allow_rebuild: bool) -> View:
         manifest = read_manifest(self.root)
-        epoch = int(manifest["whitening"]["epoch"])
+        epoch = manifest.whitening.epoch
         whitening = load_whitening(self.root)
         dim = self.dim if whitening is None else whitening.dim_out
-        checkpoint = manifest["checkpoint"]
+        checkpoint = manifest.checkpoint
         backend, checkpoint_seq = self._read_checkpoint(checkpoint, dim, allow_rebuild)
         with self.db.snapshot():
             pruned = self.db.kv_int("ops_pruned_through")
@@ -127,22 +144,22 @@ class Loader:
                 if not allow_rebuild:
                     raise _Retry(f"ops up to {pruned} pruned, checkpoint at {checkpoint_seq}")
                 backend = None
-            from_checkpoint = backend is not None and checkpoint.get("file") is not None
+            from_checkpoint = backend is not None and checkpoint.file is not None
             if backend is None:
                 backend, seq = self._build(whitening)
             else:
-                seq = self._replay(backend, whitening, checkpoint_seq, fresh=True)
-        if int(read_manifest(self.root)["whitening"]["epoch"]) != epoch:
+                seq = self._replay(backend, whitening, checkpoint_seq)
+        if read_manifest(self.root).whitening.epoch != epoch:
             raise _Retry("whitening changed")
         return View(backend, whitening, seq, epoch, from_checkpoint)
 
     def _read_checkpoint(
-        self, checkpoint: dict, dim: int, allow_rebuild: bool
-    ) -> tuple[Backend | None, int]:
+        self, checkpoint: CheckpointRef, dim: int, allow_rebuild: bool
+    ) -> tuple[VectorBackend | None, int]:
         """The checkpoint's backend and seq; ``(None, 0)`` when it must be rebuilt."""
-        name = checkpoint.get("file")
+        name = checkpoint.file
         if name is None:
-            return Backend.empty(self.conf, dim), 0
+            return create_backend(self.conf, dim), 0
         path = self.root / name
         if not path.exists():
             if not allow_rebuild:
@@ -150,15 +167,16 @@ class Loader:
             logger.warning("checkpoint %s is missing; rebuilding from the vectors", path)
             return None, 0
         try:
-            backend = Backend.read(path, self.conf)
-        except RuntimeError as error:
+            backend = load_backend(path, self.conf)
+        except CheckpointError as error:
             if not path.exists() and not allow_rebuild:
                 raise _Retry(f"checkpoint {name} vanished") from None
             logger.warning(
-                "checkpoint %s is unreadable (%s); rebuilding the faiss index in memory from "
+                "checkpoint %s is unreadable (%s); rebuilding the %s index in memory from "
                 "the vectors (a writer's next checkpoint() replaces it)",
                 path,
-                faiss_message(error),
+                error,
+                self.conf.backend,
             )
             return None, 0
         if backend.dim != dim:
@@ -166,31 +184,30 @@ class Loader:
                 "checkpoint %s holds %d-d vectors, expected %d; rebuilding", path, backend.dim, dim
             )
             return None, 0
-        return backend, int(checkpoint.get("seq", 0))
+        return backend, checkpoint.seq
 
-    def _build(self, whitening: Whitening | None) -> tuple[Backend, int]:
+    def _build(self, whitening: Whitening | None) -> tuple[VectorBackend, int]:
         """Rebuild from the live rows (call inside a snapshot); returns the backend and seq."""
         ids, slots = self.db.live()
         vectors, n_rows = self.vector_file()
         seq = self.db.last_seq()
         dim = self.dim if whitening is None else whitening.dim_out
-        backend = Backend.build(
+        backend = build_backend(
             self.conf, dim, ids, lambda rows: prepare(vectors.read(slots[rows], n_rows), whitening)
         )
         return backend, seq
 
-    def rebuild(self, whitening: Whitening | None) -> tuple[Backend, int]:
+    def rebuild(self, whitening: Whitening | None) -> tuple[VectorBackend, int]:
         """Rebuild from the current live rows, training the structure when possible."""
         with self.db.snapshot():
             return self._build(whitening)
 
-    def _replay(
-        self, backend: Backend, whitening: Whitening | None, after: int, fresh: bool
-    ) -> int:
+    def _replay(self, backend: VectorBackend, whitening: Whitening | None, after: int) -> int:
         """Apply the ops with a seq above ``after`` (call inside a snapshot); returns the last.
 
-        ``fresh``: ``backend`` was just read from a checkpoint, so a tombstoned structure
-        must learn which of its ids were removed before the checkpoint.
+        Afterwards the backend must hold exactly the live ids. It holds at least them (each
+        was added in the checkpoint or in a replayed op), so one that holds more than SQLite
+        counts (a tombstoned structure forgets its tombstones when saved) drops the others.
         """
         vectors, n_rows = self.vector_file()
         seq = after
@@ -208,7 +225,7 @@ class Loader:
                     backend.remove(ids)
                 begin = end
             seq = int(ops[-1][0])
-        if (fresh and not backend.removable) or backend.n_live != self.db.count_ok():
+        if len(backend) != self.db.count_ok():
             backend.retain(self.db.live()[0])
         return seq
 
@@ -216,16 +233,16 @@ class Loader:
         """Bring ``view`` up to the latest commit: replay in place, or reload when needed."""
         if check_manifest:
             manifest = read_manifest(self.root)
-            if int(manifest["whitening"]["epoch"]) != view.epoch:
+            if manifest.whitening.epoch != view.epoch:
                 return self.load()
-            trained = manifest["checkpoint"].get("file") and not manifest["checkpoint"]["fallback"]
-            if view.backend.fallback and trained:  # pick up the newly trained structure
+            trained = manifest.checkpoint.file is not None and not manifest.checkpoint.fallback
+            if not view.backend.trained and trained:  # pick up the newly trained structure
                 return self.load()
         try:
             with self.db.snapshot():
                 if self.db.kv_int("ops_pruned_through") > view.seq:
                     raise _Retry("ops pruned past the view")
-                view.seq = self._replay(view.backend, view.whitening, view.seq, fresh=False)
+                view.seq = self._replay(view.backend, view.whitening, view.seq)
         except (_Retry, FileNotFoundError):
             # a half-applied replay leaves the backend undefined: start from scratch
             return self.load()

@@ -1,31 +1,54 @@
-"""The self-description of an index directory: ``manifest.json``.
+"""The self-description of an index directory: ``manifest.json``, one typed :class:`Manifest`.
 
-The manifest names the descriptor settings the vectors were computed with, the faiss
-structure, the whitening state, the library versions and the faiss checkpoint that readers
-start from. It is written last when an index is created, so an index directory without a
-manifest is not an index, and it is always replaced atomically.
+The manifest holds every setting an index records, in one place, read and validated once
+when the index is opened:
 
-``whitening.epoch`` grows by one whenever the whitening changes. A reader compares it before
-and after loading to detect a whitening swapped under its feet (see ``loader.py``).
+* ``descriptor``: the descriptor settings the vectors were computed with
+  (:meth:`lookalike.extract.ExtractConf.descriptor`), compared whenever the index is
+  reopened with settings;
+* ``model``: the backbone's identity, with a content hash of its weight tensors, so that a
+  checkpoint re-trained into the same path is noticed;
+* ``query``: the query-time defaults (rotations searched and their score penalty);
+* ``index``: the vector backend and its structure (:class:`~lookalike.index.conf.IndexConf`);
+* ``local``: the local features the index keeps in step (``index --local``), or null;
+* ``dba``: the database-side augmentation kept in ``dba.npz``, or null;
+* and the state readers start from: the whitening (``whitening.epoch`` grows by one
+  whenever it changes; a reader compares it before and after loading) and the backend
+  checkpoint covering the change log up to ``checkpoint.seq``.
+
+It is written last when an index is created, so a directory without a manifest is not an
+index, and it is always replaced atomically (:func:`lookalike.storage.atomic_write`).
+
+Format 1 kept the query defaults and the local-feature settings in ``meta.sqlite`` and knew
+no weights hash; :func:`upgrade_v1` turns it into format 2 (in memory for a reader, on disk
+for a writer, see :meth:`lookalike.index.IndexStore.open`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import platform
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.conf import IndexConf
 from lookalike.storage import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from lookalike.local.conf import VerifyConf
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "lookalike-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+REBUILD = "rebuild it with `lookalike index DIR --index NEW_DIR`"
 
 
 def now_iso() -> str:
@@ -58,37 +81,128 @@ def normalise_descriptor(descriptor: dict) -> dict:
         raise ConfigError(f"descriptor config must be JSON-serialisable: {error}") from None
 
 
-def new_manifest(descriptor: dict, dim: int, conf: IndexConf) -> dict:
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which backbone, with which weights, made the vectors."""
+
+    name: str  # MODELS key or timm name (the descriptor's ``model``)
+    weights: str | None = None  # local checkpoint path; None: packaged or hub weights
+    weights_hash: str | None = None  # content hash of the weight tensors
+    #   (Backbone.weights_id); None: not recorded yet (a format 1 index), recorded on first use
+
+
+@dataclass(frozen=True)
+class QueryDefaults:
+    """How queries are searched unless a call says otherwise."""
+
+    rotations: tuple[int, ...] = (0,)  # query angles (degrees) searched; (0,) is upright only
+    rotation_penalty: float = 0.0  # subtracted from the scores of rotated views; 0 is off
+
+
+@dataclass(frozen=True)
+class WhiteningState:
+    """Whether a whitening is stored (``whitening.npz``), and its epoch."""
+
+    learned: bool = False
+    dim_out: int | None = None  # its output dimension, the index space
+    epoch: int = 0  # + 1 at every change; readers compare it before and after loading
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """The backend checkpoint readers start from."""
+
+    file: str | None = None  # file name in the index directory; None: replay from nothing
+    seq: int = 0  # the newest op of the change log it covers
+    fallback: bool = False  # it holds the exact stand-in of a structure not yet trained
+
+
+@dataclass(frozen=True)
+class DBASettings:
+    """The database-side augmentation the index keeps current in ``dba.npz``."""
+
+    k: int = 5  # neighbours per augmented vector, the image itself included
+    alpha: float = 1.0  # neighbour weight exponent
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything an index records about itself (see the module docstring)."""
+
+    descriptor: dict[str, Any]
+    dim: int  # raw descriptor dimension D
+    model: ModelIdentity
+    index: IndexConf = IndexConf()
+    query: QueryDefaults = QueryDefaults()
+    whitening: WhiteningState = WhiteningState()
+    checkpoint: CheckpointRef = CheckpointRef()
+    local: VerifyConf | None = None  # the local features kept in step, or None
+    dba: DBASettings | None = None  # the DBA kept in dba.npz, or None
+    created: str = ""
+    updated: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION  # as read; 1 until upgraded
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``manifest.json``."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "descriptor": self.descriptor,
+            "dim": self.dim,
+            "model": dataclasses.asdict(self.model),
+            "index": self.index.to_dict(),
+            "query": {
+                "rotations": list(self.query.rotations),
+                "rotation_penalty": self.query.rotation_penalty,
+            },
+            "whitening": dataclasses.asdict(self.whitening),
+            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "local": None if self.local is None else self.local.to_dict(),
+            "dba": None if self.dba is None else dataclasses.asdict(self.dba),
+            "created": self.created,
+            "updated": self.updated,
+            "versions": dict(self.versions),
+        }
+
+
+def new_manifest(
+    descriptor: dict,
+    dim: int,
+    conf: IndexConf,
+    query: QueryDefaults = QueryDefaults(),
+    weights_hash: str | None = None,
+) -> Manifest:
     """The manifest of a freshly created, empty index."""
+    descriptor = normalise_descriptor(descriptor)
     stamp = now_iso()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "descriptor": normalise_descriptor(descriptor),
-        "dim": int(dim),
-        "index": conf.to_dict(),
-        "whitening": {"learned": False, "dim_out": None, "epoch": 0},
-        "versions": library_versions(),
-        "created": stamp,
-        "updated": stamp,
-        "checkpoint": {"file": None, "seq": 0, "fallback": False},
-    }
+    model = ModelIdentity(str(descriptor.get("model", "")), descriptor.get("weights"), weights_hash)
+    return Manifest(descriptor, int(dim), model, conf, query, created=stamp, updated=stamp)
 
 
-def write_manifest(root: Path, manifest: dict) -> None:
-    """Stamp ``updated`` and the versions, then replace ``root/manifest.json`` atomically."""
-    manifest["updated"] = now_iso()
-    manifest["versions"] = library_versions()
-    data = json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+def write_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Stamp ``updated`` and the versions, replace ``root/manifest.json`` atomically; returns
+    the manifest as written."""
+    manifest = manifest.replace(
+        updated=now_iso(), versions=library_versions(), format_version=FORMAT_VERSION
+    )
+    data = json.dumps(manifest.to_json(), indent=2).encode("utf-8") + b"\n"
     atomic_write_bytes(root / MANIFEST_NAME, data)
+    return manifest
 
 
 def _create_hint(root: Path) -> str:
     return f"create one with `lookalike index DIR --index {root}`"
 
 
-def read_manifest(root: Path) -> dict:
+def read_manifest(root: Path) -> Manifest:
     """Load and validate ``root/manifest.json``.
+
+    A format 1 manifest reads with default query settings, no local features and no DBA:
+    :func:`upgrade_v1` completes it from the places format 1 kept them.
 
     Raises:
         IndexStateError: ``root`` is missing, a file, not an index, damaged or too new.
@@ -99,40 +213,169 @@ def read_manifest(root: Path) -> dict:
         raise IndexStateError(f"{root} is a file, not an index directory; {_create_hint(root)}")
     path = root / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise IndexStateError(
             f"{root} is not a lookalike index (no {MANIFEST_NAME}); {_create_hint(root)}"
         ) from None
-    try:
-        manifest = json.loads(text)
-    except ValueError as error:
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
         raise IndexStateError(
-            f"{path} is not valid JSON ({error}); the index is damaged, rebuild it into a new "
-            "--index directory"
+            f"{path} is unreadable ({type(error).__name__}: {error}); the index is damaged, "
+            f"{REBUILD}"
         ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
         raise IndexStateError(
             f"{root} is not a lookalike index ({MANIFEST_NAME} has format {found!r}, expected "
             f"{FORMAT!r}); {_create_hint(root)}"
         )
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise IndexStateError(
+            f"{path} has no valid format_version; the index is damaged, {REBUILD}"
+        )
+    if version > FORMAT_VERSION:
         raise IndexStateError(
             f"index {root} has format version {version}, this lookalike reads up to "
             f"{FORMAT_VERSION}; upgrade lookalike (pip install -U lookalike)"
         )
-    for key in ("dim", "descriptor", "index", "checkpoint"):
-        if key not in manifest:
-            raise IndexStateError(
-                f"{path} has no {key!r} entry; the index is damaged, rebuild it into a new "
-                "--index directory"
-            )
-    manifest.setdefault("whitening", {"learned": False, "dim_out": None, "epoch": 0})
-    manifest["whitening"].setdefault("epoch", 0)
-    manifest["checkpoint"].setdefault("fallback", False)
-    return manifest
+    try:
+        return _parse(data, version)
+    except (KeyError, TypeError, ValueError) as error:  # ConfigError is a ValueError
+        what = error.args[0] if isinstance(error, KeyError) else error
+        reason = f"no {what!r} entry" if isinstance(error, KeyError) else f"{what}"
+        raise IndexStateError(f"{path} is damaged ({reason}); {REBUILD}") from None
+
+
+def _int(value: object, what: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _opt_str(value: object, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{what} must be a string or null, got {value!r}")
+    return value
+
+
+def _section(data: dict, key: str) -> dict:
+    value = data[key]
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _parse(data: dict, version: int) -> Manifest:
+    """A :class:`Manifest` from its JSON, every field checked."""
+    descriptor = _section(data, "descriptor")
+    if not isinstance(descriptor.get("model"), str):
+        raise ValueError("descriptor.model must be a model name")
+    dim = _int(data["dim"], "dim", low=1)
+    index = IndexConf.from_dict(_section(data, "index"))
+    w = data.get("whitening") or {}
+    whitening = WhiteningState(
+        bool(w.get("learned", False)),
+        None if w.get("dim_out") is None else _int(w["dim_out"], "whitening.dim_out", 1),
+        _int(w.get("epoch", 0), "whitening.epoch"),
+    )
+    c = _section(data, "checkpoint")
+    checkpoint = CheckpointRef(
+        _opt_str(c.get("file"), "checkpoint.file"),
+        _int(c.get("seq", 0), "checkpoint.seq"),
+        bool(c.get("fallback", False)),
+    )
+    if checkpoint.file is not None and ("/" in checkpoint.file or checkpoint.file in ("", "..")):
+        raise ValueError(f"checkpoint.file must be a file name, got {checkpoint.file!r}")
+    model = ModelIdentity(descriptor["model"], _opt_str(descriptor.get("weights"), "weights"))
+    query, local, dba = QueryDefaults(), None, None
+    if version >= 2:
+        m = _section(data, "model")
+        model = ModelIdentity(
+            str(m["name"]),
+            _opt_str(m.get("weights"), "model.weights"),
+            _opt_str(m.get("weights_hash"), "model.weights_hash"),
+        )
+        if (model.name, model.weights) != (descriptor["model"], descriptor.get("weights")):
+            raise ValueError("model disagrees with the descriptor's model and weights")
+        query = _query(_section(data, "query"))
+        local = _local(data.get("local"))
+        if data.get("dba") is not None:
+            d = _section(data, "dba")
+            dba = DBASettings(_int(d["k"], "dba.k", 1), _number(d["alpha"], "dba.alpha"))
+    return Manifest(
+        descriptor=descriptor,
+        dim=dim,
+        model=model,
+        index=index,
+        query=query,
+        whitening=whitening,
+        checkpoint=checkpoint,
+        local=local,
+        dba=dba,
+        created=str(data.get("created", "")),
+        updated=str(data.get("updated", "")),
+        versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
+        format_version=version,
+    )
+
+
+def _query(q: dict) -> QueryDefaults:
+    rotations = q.get("rotations", [0])
+    if not isinstance(rotations, list) or not rotations:
+        raise ValueError(f"query.rotations must be a list of angles, got {rotations!r}")
+    angles = tuple(_int(r, "query.rotations") for r in rotations)
+    if any(a % 90 for a in angles):
+        raise ValueError(f"query.rotations must be multiples of 90, got {list(angles)}")
+    return QueryDefaults(angles, _number(q.get("rotation_penalty", 0.0), "query.rotation_penalty"))
+
+
+def _local(value: object) -> VerifyConf | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"local must be an object or null, got {type(value).__name__}")
+    from lookalike.local.conf import VerifyConf  # OpenCV: only for indexes that have them
+
+    return VerifyConf.from_dict(value)
+
+
+def upgrade_v1(manifest: Manifest, settings: dict) -> Manifest:
+    """A format 1 manifest completed from where format 1 kept the rest.
+
+    The weights hash stays unknown (recorded by the next writer that loads the model) and
+    so does a stored DBA's entry (recorded by the next writer that brings ``dba.npz`` up to
+    date).
+
+    Args:
+        manifest: as :func:`read_manifest` read it (``format_version == 1``).
+        settings: the JSON of ``meta.sqlite``'s ``kv.settings`` (query defaults,
+            ``local``), ``{}`` when absent.
+
+    Raises:
+        IndexStateError: the settings cannot be understood (with how to rebuild).
+    """
+    if manifest.format_version != 1:
+        return manifest
+    try:
+        query = _query(
+            {
+                "rotations": list(settings.get("query_rotations", [0])),
+                "rotation_penalty": settings.get("rotation_penalty", 0.0),
+            }
+        )
+        local = _local(settings.get("local"))
+    except (TypeError, ValueError) as error:
+        raise IndexStateError(
+            f"the settings of this format 1 index cannot be upgraded ({error}); {REBUILD}"
+        ) from None
+    return manifest.replace(query=query, local=local, format_version=1)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
@@ -172,4 +415,18 @@ def incompatibility(root: Path, built: dict, requested: dict) -> str | None:
     return (
         f"index {root} was built with {have}; the requested settings have {want}. "
         "Use the same preset or a new --index directory."
+    )
+
+
+def weights_mismatch(root: Path, manifest: Manifest, weights_hash: str) -> str | None:
+    """The message when a model's weights are not those the index was built with, or None
+    (also when the index has not recorded them yet)."""
+    recorded = manifest.model.weights_hash
+    if recorded is None or recorded == weights_hash:
+        return None
+    where = manifest.model.weights or "its packaged or hub weights"
+    return (
+        f"the weights of model {manifest.model.name} ({where}) are not those index {root} was "
+        f"built with (content hash {weights_hash}, the index has {recorded}): its vectors "
+        f"would not match new ones. Restore those weights, or {REBUILD}"
     )

@@ -2,18 +2,24 @@
 
 An index is a directory::
 
-    manifest.json       what the index is (descriptor config, faiss factory, versions) and
-                        which faiss checkpoint readers start from
+    manifest.json       what the index is: every recorded setting (one typed Manifest) and
+                        the checkpoint readers start from
     meta.sqlite         images, the ops log of vector-set changes, counters (the truth)
     vectors.f32         raw float32 descriptors, append-only, row = slot
     whitening.npz       the learned whitening (optional)
-    faiss-<seq>.index   faiss checkpoint covering the ops up to <seq>
+    <backend>-<seq>.index   vector backend checkpoint covering the ops up to <seq>
     lock                held by the single writer
 
 Durability: vectors are appended and fsynced *before* the SQLite transaction that references
-them commits; every other file is replaced atomically (see ``files.py``). A SIGKILL at any
-moment leaves either the old or the new committed state. Readers never lock: they read
-SQLite in snapshots and replay the ops since the checkpoint (see ``loader.py``).
+them commits; every other file is replaced atomically (see :mod:`lookalike.storage`). A
+SIGKILL at any moment leaves either the old or the new committed state. Readers never lock:
+they read SQLite in snapshots and replay the ops since the checkpoint (see ``loader.py``).
+
+The store composes its parts rather than being them: :class:`~lookalike.index.metadata.MetaDB`
+(SQLite), :class:`~lookalike.index.vectors.VectorFile` (raw vectors), the loader's view
+(the vector backend and the whitening), the manifest; the writing half is
+:class:`~lookalike.index.writer.WriterMixin`, and re-ranking reads vectors through the
+narrow :class:`~lookalike.index.source.IndexVectors` (:meth:`IndexStore.vector_source`).
 
 A re-added path is an update: the id is kept, the old vector is removed from the vector set
 and the new one added, and every stored field, user metadata included, is replaced.
@@ -21,27 +27,30 @@ and the new one added, and every stored field, user metadata included, is replac
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lookalike.errors import ConfigError, IndexStateError
-from lookalike.index.conf import ImageRecord, IndexConf, validate_factory
+from lookalike.errors import ConfigError, IndexLockedError, IndexStateError
+from lookalike.index.backends import validate_conf
+from lookalike.index.conf import ImageRecord, IndexConf
 from lookalike.index.loader import Loader, View, load_whitening, prepare
 from lookalike.index.manifest import (
     MANIFEST_NAME,
+    Manifest,
+    QueryDefaults,
     incompatibility,
     new_manifest,
     normalise_descriptor,
     read_manifest,
+    upgrade_v1,
+    weights_mismatch,
     write_manifest,
 )
 from lookalike.index.metadata import DB_NAME, PAGE, MetaDB
@@ -50,11 +59,13 @@ from lookalike.index.writer import WriterMixin
 from lookalike.storage import WriterLock
 
 if TYPE_CHECKING:
+    from lookalike.index.source import IndexVectors
     from lookalike.whitening import Whitening
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "lock"
+V1_SETTINGS_KEY = "settings"  # format 1 kept query defaults and local settings in meta.sqlite
 # What an interrupted create() leaves behind; a directory holding only these is reusable.
 _CREATION_LEFTOVERS = {
     LOCK_NAME,
@@ -67,26 +78,6 @@ _CREATION_LEFTOVERS = {
 }
 
 
-@dataclass(frozen=True)
-class LiveVectors:
-    """Every searchable vector of one committed state, in the index space (see
-    :meth:`IndexStore.live_vectors`).
-
-    Attributes:
-        seq: the newest op seq committed in this state (see :meth:`IndexStore.vector_version`).
-        epoch: the whitening epoch the vectors were transformed under.
-        ids: ``(n,)`` int64 image ids, ascending.
-        seqs: ``(n,)`` int64 ops seq of each image's last vector change (add or update).
-        vectors: ``(n, d)`` float32 index-space vectors, row ``i`` for ``ids[i]``.
-    """
-
-    seq: int
-    epoch: int
-    ids: np.ndarray
-    seqs: np.ndarray
-    vectors: np.ndarray
-
-
 class IndexStore(WriterMixin):
     """An index directory opened for reading, or for writing by this process alone.
 
@@ -94,16 +85,18 @@ class IndexStore(WriterMixin):
     serialises the calls of the threads sharing a store.
     """
 
-    def __init__(self, root: Path, manifest: dict, db: MetaDB, lock: WriterLock | None) -> None:
+    def __init__(self, root: Path, manifest: Manifest, db: MetaDB, lock: WriterLock | None) -> None:
         self.path = root
         self._manifest = manifest
         self._db = db
         self._lock = lock
         self._mutex = threading.RLock()
-        self._loader = Loader(root, db, int(manifest["dim"]), self.conf)
+        self._loader = Loader(root, db, manifest.dim, manifest.index)
         self._view: View | None = None
         self._stale = False  # committed ops not yet replayed into the writer's view
         self._closed = False
+        self._brief = False  # a reader holding the writer lock in try_writer()
+        self._token = self._change_token()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -115,6 +108,9 @@ class IndexStore(WriterMixin):
         dim: int,
         conf: IndexConf = IndexConf(),
         exist_ok: bool = False,
+        *,
+        query: QueryDefaults = QueryDefaults(),
+        weights_hash: str | None = None,
     ) -> IndexStore:
         """Create an empty index and return it open for writing.
 
@@ -123,15 +119,17 @@ class IndexStore(WriterMixin):
             descriptor: descriptor config (model, pooling, ...), JSON-serialisable; stored in
                 the manifest and compared whenever the index is reopened with settings.
             dim: raw descriptor dimension ``D``.
-            conf: faiss structure and search settings.
+            conf: vector backend, structure and search settings.
             exist_ok: an existing index is opened for writing instead, after
                 :meth:`check_compatible` with ``descriptor``, ``dim`` and ``conf``.
+            query: the query-time defaults to record.
+            weights_hash: content hash of the model's weights (``Backbone.weights_id``).
 
         Raises:
             IndexStateError: ``path`` is a file, a non-empty non-index directory, or an
                 index (without ``exist_ok``, or built with other settings).
             IndexLockedError: another process is writing the index.
-            ConfigError: invalid ``dim``, ``descriptor`` or factory.
+            ConfigError: invalid ``dim``, ``descriptor`` or structure.
         """
         root = Path(path).expanduser()
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
@@ -147,6 +145,8 @@ class IndexStore(WriterMixin):
             try:
                 store._check(descriptor, conf, int(dim))
                 store.set_search_params(conf.nprobe, conf.ef_search)
+                if weights_hash is not None:
+                    store.check_weights(weights_hash)
             except BaseException:
                 store.close()
                 raise
@@ -161,23 +161,25 @@ class IndexStore(WriterMixin):
                     f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); pick an "
                     "empty or new --index directory"
                 )
-        validate_factory(conf.factory, int(dim))
+        validate_conf(conf, int(dim))
         root.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(root / LOCK_NAME, root)
         lock.acquire()
         try:
             if (root / MANIFEST_NAME).exists():  # another process created it meanwhile
                 lock.release()
-                return cls.create(root, descriptor, dim, conf, exist_ok)
+                return cls.create(
+                    root, descriptor, dim, conf, exist_ok, query=query, weights_hash=weights_hash
+                )
             for name in _CREATION_LEFTOVERS - {LOCK_NAME}:  # an interrupted create()
                 (root / name).unlink(missing_ok=True)
             db = MetaDB(root / DB_NAME, create=True)
-            manifest = new_manifest(descriptor, int(dim), conf)
-            write_manifest(root, manifest)  # last: from now on the directory is an index
+            manifest = new_manifest(descriptor, int(dim), conf, query, weights_hash)
+            manifest = write_manifest(root, manifest)  # last: now the directory is an index
         except BaseException:
             lock.release()
             raise
-        logger.info("created index %s (%s, %d-d)", root, conf.factory, dim)
+        logger.info("created index %s (%s %s, %d-d)", root, conf.backend, conf.factory, dim)
         return cls(root, manifest, db, lock)
 
     @classmethod
@@ -187,8 +189,8 @@ class IndexStore(WriterMixin):
         Args:
             path: the index directory.
             writable: take the writer lock (``IndexLockedError`` if another process holds
-                it). A reader loads the faiss state now and keeps that snapshot until
-                :meth:`refresh`.
+                it). A reader loads the vector state now and keeps that snapshot until
+                :meth:`refresh`. A writer upgrades an index of the previous format in place.
 
         Raises:
             IndexStateError: missing, not an index, damaged, or a newer format.
@@ -201,10 +203,10 @@ class IndexStore(WriterMixin):
             lock.acquire()
         db = None
         try:
-            manifest = read_manifest(root)
             db = MetaDB(root / DB_NAME)
-            store = cls(root, manifest, db, lock)
+            store = cls(root, _read_complete(root, db), db, lock)
             if writable:
+                store._upgrade()
                 store._recover()
             else:
                 store._view = store._loader.load()
@@ -215,6 +217,16 @@ class IndexStore(WriterMixin):
                 lock.release()
             raise
         return store
+
+    def _upgrade(self) -> None:
+        """Write a format 1 index's manifest as format 2 (atomically), then drop its old
+        settings entry; a crash in between leaves an entry that format 2 ignores."""
+        if self._manifest.format_version >= 2:
+            return
+        self._manifest = write_manifest(self.path, self._manifest)
+        with self._db.write():
+            self._db.kv_delete(V1_SETTINGS_KEY)
+        logger.info("upgraded index %s to format %d", self.path, self._manifest.format_version)
 
     def close(self) -> None:
         """Release the writer lock and the database; the store is unusable afterwards."""
@@ -235,23 +247,23 @@ class IndexStore(WriterMixin):
 
     def __repr__(self) -> str:
         mode = "closed" if self._closed else "writable" if self.writable else "read-only"
-        return f"IndexStore({str(self.path)!r}, {self.conf.factory!r}, {mode})"
+        return f"IndexStore({str(self.path)!r}, {self.conf.backend!r}, {mode})"
 
-    # -- properties ------------------------------------------------------------------------
+    # -- what the index is -----------------------------------------------------------------
 
     @property
-    def manifest(self) -> dict:
-        """A copy of the manifest as this store last read or wrote it."""
-        return copy.deepcopy(self._manifest)
+    def manifest(self) -> Manifest:
+        """Every recorded setting, as this store last read or wrote it (frozen)."""
+        return self._manifest
 
     @property
     def dim(self) -> int:
         """Raw descriptor dimension ``D``."""
-        return int(self._manifest["dim"])
+        return self._manifest.dim
 
     @property
     def conf(self) -> IndexConf:
-        return IndexConf.from_dict(self._manifest["index"])
+        return self._manifest.index
 
     @property
     def writable(self) -> bool:
@@ -259,7 +271,7 @@ class IndexStore(WriterMixin):
 
     @property
     def whitening(self) -> Whitening | None:
-        """The whitening applied before faiss, or None."""
+        """The whitening applied before the backend, or None."""
         with self._mutex:
             self._check_open()
             if self._view is not None:
@@ -270,20 +282,34 @@ class IndexStore(WriterMixin):
         """Refuse settings other than those the index was built with.
 
         Raises:
-            IndexStateError: naming every differing descriptor key (and the factory).
+            IndexStateError: naming every differing descriptor key (and the structure).
         """
         self._check(normalise_descriptor(descriptor), conf, None)
 
     def _check(self, descriptor: dict, conf: IndexConf | None, dim: int | None) -> None:
-        built, wanted = dict(self._manifest["descriptor"]), dict(descriptor)
+        built, wanted = dict(self._manifest.descriptor), dict(descriptor)
         if conf is not None:
-            built["index"] = {"factory": self._manifest["index"]["factory"]}
-            wanted["index"] = {"factory": conf.factory}
+            built["index"] = {"backend": self.conf.backend, "factory": self.conf.factory}
+            wanted["index"] = {"backend": conf.backend, "factory": conf.factory}
         if dim is not None:
             built["dim"], wanted["dim"] = self.dim, dim
         message = incompatibility(self.path, built, wanted)
         if message is not None:
             raise IndexStateError(message)
+
+    def check_weights(self, weights_hash: str) -> None:
+        """Refuse a model whose weights differ from those the index was built with; a
+        writer records the hash of an index that has none yet (a format 1 index).
+
+        Raises:
+            IndexStateError: the content hashes differ.
+        """
+        message = weights_mismatch(self.path, self._manifest, weights_hash)
+        if message is not None:
+            raise IndexStateError(message)
+        if self._manifest.model.weights_hash is None and self.writable:
+            model = self._manifest.model
+            self.update_manifest(model=type(model)(model.name, model.weights, weights_hash))
 
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change ``nprobe`` / ``ef_search``; a writer also records them in the manifest."""
@@ -294,18 +320,24 @@ class IndexStore(WriterMixin):
                 factory=current.factory,
                 nprobe=current.nprobe if nprobe is None else int(nprobe),
                 ef_search=current.ef_search if ef_search is None else int(ef_search),
+                backend=current.backend,
             )
             if conf == current:
                 return
-            self._manifest["index"] = conf.to_dict()
+            self._manifest = self._manifest.replace(index=conf)
             self._loader.conf = conf
             if self._view is not None:
-                self._view.backend.conf = conf
-                self._view.backend.apply_search_params()
+                self._view.backend.set_search_params(conf)
             if self.writable:
-                write_manifest(self.path, self._manifest)
+                self._manifest = write_manifest(self.path, self._manifest)
 
-    # -- internals shared with the writer mixin ---------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The vector backend's state: ``{"backend", "structure", "live", "dead", "trained",
+        "memory_bytes", "search_params"}``."""
+        with self._mutex:
+            return self._current_view().backend.stats()
+
+    # -- internals shared with the writer mixin and the vector source -------------------------
 
     def _check_open(self) -> None:
         if self._closed:
@@ -403,103 +435,107 @@ class IndexStore(WriterMixin):
 
         Returns:
             ``(scores, ids)``, ``(n, k)`` float32 / int64, best first; rows with fewer than
-            ``k`` results are padded with id ``-1`` and score ``-inf``. Tombstoned structures
-            (HNSW) fetch ``k`` + tombstones candidates and drop the dead ones.
+            ``k`` results are padded with id ``-1`` and score ``-inf``.
         """
         queries = check_vectors(queries, self.dim, "queries")
         with self._mutex:
             view = self._current_view()
             if k <= 0:
-                k = view.backend.n_live
+                k = len(view.backend)
             return view.backend.search(prepare(queries, view.whitening), int(k))
 
-    # -- the index space (what faiss holds), for re-ranking -----------------------------------
+    def vector_source(self) -> IndexVectors:
+        """The narrow read-only view of the index-space vectors that re-ranking uses."""
+        from lookalike.index.source import IndexVectors
 
-    @property
-    def index_dim(self) -> int:
-        """Dimension ``d`` of the index space: the whitening's output, or ``D``."""
-        with self._mutex:
-            return self._current_view().backend.dim
+        return IndexVectors(self)
 
-    def index_space(self, raw: np.ndarray) -> np.ndarray:
-        """Raw ``(n, D)`` descriptors into the index space exactly as :meth:`search` does:
-        whitened and L2-normalised ``(n, d)`` float32 (unchanged without a whitening)."""
-        raw = check_vectors(raw, self.dim, "queries")
-        with self._mutex:
-            return prepare(raw, self._current_view().whitening)
+    # -- freshness -------------------------------------------------------------------------
 
-    def index_vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """The stored vectors of ``'ok'`` images in the index space, ``(n, d)`` float32.
-
-        Raises:
-            ValueError: an id is unknown or belongs to an ``'error'`` image.
-        """
-        with self._mutex:
-            return prepare(self.vectors(ids), self._current_view().whitening)
-
-    def search_index_space(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`search` with queries already in the index space, ``(n, d)`` float32
-        (e.g. from :meth:`index_space`, then expanded); same output contract."""
-        with self._mutex:
-            view = self._current_view()
-            queries = check_vectors(queries, view.backend.dim, "index-space queries")
-            if k <= 0:
-                k = view.backend.n_live
-            return view.backend.search(queries, int(k))
-
-    def vector_version(self) -> tuple[int, int]:
-        """``(seq, epoch)``: the newest op committed (any add, update or removal of a vector
-        raises it) and the whitening epoch of the searches. Derived state computed from the
-        vectors (DBA) is current exactly when it was computed at the same version."""
-        with self._mutex:
-            view = self._current_view()
-            return self._db.last_seq(), view.epoch
-
-    def live_vectors(self) -> LiveVectors:
-        """Every searchable vector in the index space, read from one committed state.
-
-        Ids, seqs and vectors come from one SQLite snapshot (a compaction replacing the
-        vector file meanwhile is retried), so they agree with each other and with ``seq``.
-        """
-        with self._mutex:
-            view = self._current_view()
-            for attempt in range(5):
-                try:
-                    with self._db.snapshot():
-                        seq = self._db.last_seq()
-                        ids, slots, seqs = self._db.live_with_seq()
-                        vectors, n_rows = self._loader.vector_file()
-                        raw = vectors.read(slots, n_rows)
-                    break
-                except FileNotFoundError:  # compacted under us: the new file is named now
-                    time.sleep(0.05 * (attempt + 1))
-            else:
-                raise IndexStateError(
-                    f"index {self.path} kept changing while it was being read; retry in a moment"
-                )
-            return LiveVectors(seq, view.epoch, ids, seqs, prepare(raw, view.whitening))
-
-    @property
-    def settings(self) -> dict:
-        """Index-level defaults that are not part of the descriptor (query rotations, ...)."""
-        with self._mutex:
-            return json.loads(self._db.kv_get("settings", "{}"))
-
-    def set_settings(self, settings: dict) -> None:
-        """Replace :attr:`settings` (JSON-serialisable); one committed transaction."""
-        self._require_writable()
-        text = json.dumps(settings, sort_keys=True)
-        with self._mutex, self._db.write():
-            self._db.kv_set("settings", text)
+    def _change_token(self) -> tuple:
+        """Changes whenever another process commits or replaces the manifest (cheap)."""
+        try:
+            st = (self.path / MANIFEST_NAME).stat()
+            manifest = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            manifest = None
+        return self._db.data_version(), manifest
 
     def refresh(self) -> None:
         """Make the changes committed since opening (or the last refresh) searchable."""
         with self._mutex:
             self._check_open()
+            self._token = self._change_token()
             if self._view is None or self.writable:
                 self._current_view()
                 return
             self._view = self._loader.catch_up(self._view)
-            manifest = read_manifest(self.path)
-            manifest["index"] = self._manifest["index"]  # keep local set_search_params
-            self._manifest = manifest
+            manifest = _read_complete(self.path, self._db)
+            # keep search parameters changed locally with set_search_params
+            self._manifest = manifest.replace(index=self._manifest.index)
+
+    def refresh_if_changed(self) -> bool:
+        """:meth:`refresh` when another process has committed since the last one (one
+        SQLite statement and one ``stat`` otherwise); returns whether it refreshed."""
+        with self._mutex:
+            self._check_open()
+            if self.writable or self._change_token() == self._token:
+                return False
+            self.refresh()
+            return True
+
+    @contextlib.contextmanager
+    def try_writer(self) -> Iterator[bool]:
+        """For a reader: hold the writer lock for a short write if no other process holds
+        it (yields True; the manifest is re-read), else yield False at once. A writer yields
+        True. Used to store what a search computed (a DBA, local features)."""
+        if self.writable:
+            yield True
+            return
+        lock = WriterLock(self.path / LOCK_NAME, self.path)
+        try:
+            lock.acquire()
+        except (IndexLockedError, IndexStateError):
+            yield False
+            return
+        try:
+            with self._mutex:
+                self._manifest = _read_complete(self.path, self._db).replace(
+                    index=self._manifest.index
+                )
+                self._brief = True
+            yield True
+        finally:
+            with self._mutex:
+                self._brief = False
+                self._token = self._change_token()
+            lock.release()
+
+    def update_manifest(self, **changes: Any) -> Manifest:
+        """Record changed settings (:class:`Manifest` fields) in ``manifest.json``, atomically.
+
+        Needs the writer lock: a writer, or a reader inside :meth:`try_writer`.
+        """
+        with self._mutex:
+            if not self._brief:
+                self._require_writable()
+            self._manifest = write_manifest(self.path, self._manifest.replace(**changes))
+            return self._manifest
+
+
+def _read_complete(root: Path, db: MetaDB) -> Manifest:
+    """The manifest, a format 1 one completed from ``meta.sqlite`` (see :func:`upgrade_v1`)."""
+    manifest = read_manifest(root)
+    if manifest.format_version >= 2:
+        return manifest
+    text = db.kv_get(V1_SETTINGS_KEY, "{}") or "{}"
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise IndexStateError(
+            f"{root / DB_NAME} holds unreadable settings; the index is damaged, rebuild it into "
+            "a new --index directory"
+        )
+    return upgrade_v1(manifest, settings)

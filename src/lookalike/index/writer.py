@@ -1,9 +1,10 @@
 """The writing half of :class:`~lookalike.index.store.IndexStore`.
 
 Every change to the image set is one SQLite transaction that also appends to the ``ops``
-log; the in-memory faiss view of the writer catches up with its own commits lazily, through
-the same replay readers use. Checkpoints, whitening changes and compaction replace files
-atomically in an order that keeps every intermediate state loadable (see each method).
+log; the in-memory view of the writer (its vector backend) catches up with its own commits
+lazily, through the same replay readers use. Checkpoints, whitening changes and compaction
+replace files atomically in an order that keeps every intermediate state loadable (see each
+method).
 """
 
 from __future__ import annotations
@@ -18,22 +19,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.index.backend import make_index, min_train_size
-from lookalike.index.conf import IndexConf, NewImage, validate_factory
+from lookalike.index.backends import checkpoint_name, is_checkpoint_name, validate_conf
+from lookalike.index.conf import IndexConf, NewImage
 from lookalike.index.loader import WHITENING_NAME, Loader, View, load_whitening
-from lookalike.index.manifest import now_iso, write_manifest
+from lookalike.index.manifest import CheckpointRef, Manifest, WhiteningState, now_iso
 from lookalike.index.metadata import MetaDB
 from lookalike.index.vectors import check_vectors, is_vectors_name, vectors_name
-from lookalike.storage import TMP_SUFFIX, atomic_write, remove_durably
+from lookalike.storage import TMP_SUFFIX, atomic_write, remove_durably, remove_leftovers
 
 if TYPE_CHECKING:
     from lookalike.whitening import Whitening
 
 logger = logging.getLogger(__name__)
-
-
-def _is_checkpoint_name(name: str) -> bool:
-    return name.startswith("faiss-") and name.endswith(".index")
 
 
 class WriterMixin:
@@ -42,7 +39,7 @@ class WriterMixin:
     path: Path
     dim: int
     conf: IndexConf
-    _manifest: dict
+    _manifest: Manifest
     _db: MetaDB
     _loader: Loader
     _view: View | None
@@ -53,6 +50,9 @@ class WriterMixin:
         raise NotImplementedError
 
     def _current_view(self) -> View:
+        raise NotImplementedError
+
+    def update_manifest(self, **changes: object) -> Manifest:
         raise NotImplementedError
 
     # -- the image set ---------------------------------------------------------------------
@@ -153,29 +153,24 @@ class WriterMixin:
         if not found:
             raise ValueError(f"no image with id {id} in index {self.path}")
 
-    # -- faiss state -----------------------------------------------------------------------
+    # -- vector backend state ----------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Save the faiss index so readers need not replay the ops up to now.
+        """Save the vector backend so readers need not replay the ops up to now.
 
-        Trains the configured structure first when it is still the flat fallback and the
-        collection has grown to :func:`~lookalike.index.backend.min_train_size`, and rebuilds
-        a tombstoned one when a quarter of it is dead. Writes ``faiss-<seq>.index`` atomically,
-        then the manifest naming it, then deletes the older checkpoints.
+        Trains the configured structure first when it is still the exact stand-in and the
+        collection has grown to its ``train_size``, and rebuilds one that ``wants_rebuild``
+        (a quarter of a tombstoned structure dead). Writes ``<backend>-<seq>.index``
+        atomically, then the manifest naming it, then deletes the older checkpoints.
         """
         self._require_writable()
         with self._mutex:
             view = self._current_view()
             backend, rebuild = view.backend, False
-            if backend.fallback:
-                need = min_train_size(make_index(self.conf, backend.dim))
-                rebuild = backend.n_live >= need
+            if not backend.trained:
+                rebuild = len(backend) >= backend.train_size
             elif backend.wants_rebuild():
-                logger.info(
-                    "%d of %d faiss vectors are tombstones: rebuilding",
-                    backend.n_dead,
-                    backend.ntotal,
-                )
+                logger.info("%s: rebuilding to drop removed vectors", backend.stats())
                 rebuild = True
             if rebuild:
                 view.backend, view.seq = self._loader.rebuild(view.whitening)
@@ -185,27 +180,17 @@ class WriterMixin:
         view = self._view
         if view is None:
             return
-        current = self._manifest["checkpoint"]
-        if (
-            not force
-            and view.from_checkpoint
-            and current.get("file") is not None
-            and int(current.get("seq", -1)) == view.seq
-        ):
+        current = self._manifest.checkpoint
+        if not force and view.from_checkpoint and current.file and current.seq == view.seq:
             return
-        name = f"faiss-{view.seq}.index"
-        view.backend.write(self.path / name)
-        self._manifest["checkpoint"] = {
-            "file": name,
-            "seq": view.seq,
-            "fallback": view.backend.fallback,
-        }
-        write_manifest(self.path, self._manifest)
+        name = checkpoint_name(self.conf, view.seq)
+        view.backend.save(self.path / name)
+        self.update_manifest(checkpoint=CheckpointRef(name, view.seq, not view.backend.trained))
         view.from_checkpoint = True
         remove_durably(
-            [p for p in self.path.iterdir() if _is_checkpoint_name(p.name) and p.name != name]
+            [p for p in self.path.iterdir() if is_checkpoint_name(p.name) and p.name != name]
         )
-        logger.info("checkpoint %s: %d vectors", name, view.backend.n_live)
+        logger.info("checkpoint %s: %d vectors", name, len(view.backend))
 
     def set_whitening(self, whitening: Whitening | None) -> None:
         """Store (or, with None, drop) the whitening and rebuild faiss in the new space.
@@ -224,29 +209,28 @@ class WriterMixin:
                     f"the whitening takes {whitening.dim_in}-d descriptors but index {self.path} "
                     f"holds {self.dim}-d ones; learn it from this index's vectors"
                 )
-            validate_factory(self.conf.factory, whitening.dim_out)
+            validate_conf(self.conf, whitening.dim_out)
         with self._mutex:
-            epoch = int(self._manifest["whitening"]["epoch"]) + 1
-            self._manifest["whitening"] = {
-                "learned": whitening is not None,
-                "dim_out": None if whitening is None else whitening.dim_out,
-                "epoch": epoch,
-            }
-            self._manifest["checkpoint"] = {"file": None, "seq": 0, "fallback": False}
-            write_manifest(self.path, self._manifest)
+            epoch = self._manifest.whitening.epoch + 1
+            self.update_manifest(
+                whitening=WhiteningState(
+                    whitening is not None, None if whitening is None else whitening.dim_out, epoch
+                ),
+                checkpoint=CheckpointRef(),
+            )
             path = self.path / WHITENING_NAME
             if whitening is None:
                 remove_durably([path])
             else:
                 atomic_write(path, whitening.save)
-            remove_durably([p for p in self.path.iterdir() if _is_checkpoint_name(p.name)])
+            remove_durably([p for p in self.path.iterdir() if is_checkpoint_name(p.name)])
             backend, seq = self._loader.rebuild(whitening)
             self._view = View(backend, whitening, seq, epoch, from_checkpoint=False)
             self._stale = False
             self._write_checkpoint(force=True)
 
     def compact(self) -> None:
-        """Rebuild faiss without tombstones and rewrite the vector file without dead rows.
+        """Rebuild the backend without tombstones and rewrite the vector file without dead rows.
 
         The vector file is never rewritten in place: the live rows are copied to
         ``vectors.<seq>.f32`` (fsynced), then one transaction points every image at its new
@@ -283,27 +267,26 @@ class WriterMixin:
         """On opening for writing: delete crash leftovers, reconcile the whitening entry."""
         with self._db.snapshot():
             current_vectors = self._loader.vector_file()[0].path.name
-        named = self._manifest["checkpoint"].get("file")
-        junk = [
-            p
-            for p in self.path.iterdir()
-            if p.name.endswith(TMP_SUFFIX)
-            or (_is_checkpoint_name(p.name) and p.name != named)
-            or (is_vectors_name(p.name) and p.name != current_vectors)
-        ]
-        if junk:
-            logger.info("removing leftovers of an interrupted writer: %s", [p.name for p in junk])
-            remove_durably(junk)
+        named = self._manifest.checkpoint.file
+        remove_leftovers(
+            self.path,
+            lambda name: (
+                name.endswith(TMP_SUFFIX)
+                or (is_checkpoint_name(name) and name != named)
+                or (is_vectors_name(name) and name != current_vectors)
+            ),
+        )
         # A crash inside set_whitening() can leave the manifest entry and the file disagreeing;
         # the file is what readers apply, so the entry follows it.
         has_file = (self.path / WHITENING_NAME).exists()
-        if bool(self._manifest["whitening"].get("learned")) != has_file:
+        if self._manifest.whitening.learned != has_file:
             whitening = load_whitening(self.path) if has_file else None
-            self._manifest["whitening"] = {
-                "learned": has_file,
-                "dim_out": None if whitening is None else whitening.dim_out,
-                "epoch": int(self._manifest["whitening"]["epoch"]) + 1,
-            }
-            self._manifest["checkpoint"] = {"file": None, "seq": 0, "fallback": False}
-            write_manifest(self.path, self._manifest)
-            remove_durably([p for p in self.path.iterdir() if _is_checkpoint_name(p.name)])
+            self.update_manifest(
+                whitening=WhiteningState(
+                    has_file,
+                    None if whitening is None else whitening.dim_out,
+                    self._manifest.whitening.epoch + 1,
+                ),
+                checkpoint=CheckpointRef(),
+            )
+            remove_durably([p for p in self.path.iterdir() if is_checkpoint_name(p.name)])

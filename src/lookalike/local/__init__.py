@@ -27,7 +27,6 @@ from lookalike.local.matching import (
     fuse_scores,
     match_many,
     match_mutual_nn,
-    rerank,
     verify,
     verify_pair,
 )
@@ -51,7 +50,6 @@ __all__ = [
     "fuse_scores",
     "match_many",
     "match_mutual_nn",
-    "rerank",
     "verify",
     "verify_pair",
 ]

@@ -41,7 +41,7 @@ class VerifyConf:
     threshold_px: float = 16.0  # inlier threshold, pixels of the candidate's original image
     budget: int = 100  # top candidates verified; the others keep their order below them
     fusion: str = "sim_plus_inliers"  # how similarity and inliers make the score, a FUSIONS
-    #   key ("sim_sqrt_inliers" is the seeds' similarity * sqrt(inliers))
+    #   key ("sim_sqrt_inliers" is similarity * sqrt(inliers))
     device: str = "cpu"  # where a learned extractor runs: "cpu", "cuda", "auto"
 
     def __post_init__(self) -> None:
@@ -105,8 +105,9 @@ class VerifyConf:
 VERIFY_PRESETS: dict[str, VerifyConf] = {
     # best on Oxford5k and 4x cheaper to match than RootSIFT@1024 (benchmarks/verify.py)
     "default": VerifyConf(),
-    # the seeds' fusion, kept for comparison: 0.8 mAP below the default on Oxford5k
-    "seeds": VerifyConf(fusion="sim_sqrt_inliers"),
+    # the default fused by similarity * sqrt(inliers), for comparison: 0.8 mAP below the
+    # default on Oxford5k
+    "sqrt-inliers": VerifyConf(fusion="sim_sqrt_inliers"),
     # no learned weights needed; best on Holidays (93.5), 76.4 on Oxford, ~330-480 ms/query
     "rootsift": VerifyConf(features="rootsift", max_keypoints=1024, max_side=1024, ratio=0.8),
 }
@@ -129,3 +130,73 @@ def local_preset(features: str) -> VerifyConf:
         if conf.features == features:
             return conf
     return VerifyConf(features=features)
+
+
+def _weights_path(weights: str | Path | None) -> str | None:
+    if weights is None:
+        return None
+    path = Path(weights).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"local-feature weights {weights}: no such file (--local-weights)")
+    return str(path)
+
+
+def local_conf(
+    features: str | None,
+    max_keypoints: int | None = None,
+    max_side: int | None = None,
+    weights: str | Path | None = None,
+    device: str | None = None,
+) -> VerifyConf | None:
+    """What ``index --local NAME`` asks an index to store: the preset of ``features`` with
+    the given changes; None without ``features``.
+
+    Raises:
+        ConfigError: changes without ``features``, a missing weights file, bad values.
+    """
+    if features is None:
+        given = [
+            name
+            for name, value in (
+                ("--local-keypoints", max_keypoints),
+                ("--local-side", max_side),
+                ("--local-weights", weights),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --local NAME")
+        return None
+    changes = {
+        "max_keypoints": max_keypoints,
+        "max_side": max_side,
+        "weights": _weights_path(weights),
+        "device": device,
+    }
+    return local_preset(features).replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+def verify_changes(
+    features: str | None = None,
+    weights: str | Path | None = None,
+    budget: int | None = None,
+    fusion: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The changes a search asks of an index's recorded verification settings (what
+    :func:`lookalike.rerank.verify.resolve_conf` applies): ``features`` for an index that
+    stores none (its preset's feature settings), weights, budget, fusion, device."""
+    changes: dict[str, Any] = {}
+    if device is not None:
+        changes["device"] = device
+    if features is not None:
+        preset = local_preset(features)
+        for key in ("features", "max_keypoints", "max_side", "ratio"):
+            changes[key] = getattr(preset, key)
+    if weights is not None:
+        changes["weights"] = _weights_path(weights)
+    if budget is not None:
+        changes["budget"] = budget
+    if fusion is not None:
+        changes["fusion"] = fusion
+    return changes

@@ -339,13 +339,11 @@ def _load_aliked(
     # rather than every maximum above a score, so weakly textured images still get features.
     kwargs = {"max_num_keypoints": max_keypoints, "detection_threshold": 0.0}
     if weights is None:
-        try:
-            return ALIKED.from_pretrained(model, device=torch.device(device), **kwargs)
-        except Exception as error:
-            raise ConfigError(
-                f"cannot download the {model} weights ({type(error).__name__}: {error}); "
-                f"pass weights=PATH to a local {model}.pth"
-            ) from None
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{model}.pth"
+        if cached.is_file():  # downloaded before: no network needed
+            weights = cached
+        else:
+            return _download_aliked(ALIKED, model, device, kwargs)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"ALIKED checkpoint {path} does not exist; give the path of {model}.pth")
@@ -368,6 +366,56 @@ def _load_aliked(
             f"{result.unexpected_keys[:3]}); pass the matching model name or checkpoint"
         )
     return net.to(device).eval()
+
+
+ALIKED_HOSTS = ("huggingface.co", "github.com")  # where kornia downloads the weights from
+
+
+def _offline_reason() -> str | None:
+    """Why the ALIKED weights cannot be downloaded now (no DNS for their hosts), or None."""
+    import socket
+
+    for host in ALIKED_HOSTS:
+        try:
+            socket.getaddrinfo(host, 443)
+            return None
+        except OSError as error:
+            reason = f"{host}: {error.strerror or error}"
+    return reason
+
+
+def _download_aliked(aliked: type, model: str, device: str, kwargs: dict) -> torch.nn.Module:
+    """kornia's download of the official weights, quietly; a one-line error when offline.
+
+    kornia retries each of its two sources three times with pauses and a warning per try;
+    offline that is six warnings and seconds for nothing, so a failed name lookup of its
+    hosts ends it at once.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    hint = (
+        f"give a local copy of {model}.pth with --local-weights PATH "
+        "(Python: VerifyConf(weights=PATH))"
+    )
+    offline = _offline_reason()
+    if offline is not None:
+        raise ConfigError(
+            f"the ALIKED weights ({model}.pth) are not on this machine and cannot be "
+            f"downloaded ({offline}); {hint}"
+        )
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return aliked.from_pretrained(model, device=torch.device(device), **kwargs)
+    except Exception as error:
+        raise ConfigError(
+            f"cannot download the ALIKED weights ({model}.pth: {type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}); {hint}"
+        ) from None
 
 
 LOCAL_FEATURES: dict[str, type[LocalExtractor]] = {

@@ -15,7 +15,6 @@ Matches are ``(M, 2)`` int64 arrays of ``(index in image 0, index in image 1)`` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -334,29 +333,3 @@ def fuse_scores(similarity: np.ndarray, inliers: np.ndarray, fusion: str) -> np.
     if sim.shape != inl.shape:
         raise ValueError(f"similarity {sim.shape} and inliers {inl.shape} differ in shape")
     return fuse(sim, inl).astype(np.float32)
-
-
-def rerank(
-    scores: np.ndarray, ids: np.ndarray, inliers: np.ndarray, fusion: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Re-order a shortlist by :func:`fuse_scores`, best first (stable for equal scores).
-
-    Args:
-        scores: ``(k,)`` global similarities, ``ids``: ``(k,)`` image ids, ``inliers``: ``(k,)``.
-
-    Returns:
-        ``(fused scores, ids)``, ``(k,)`` float32 / int64, sorted by fused score.
-    """
-    fused = fuse_scores(scores, inliers, fusion)
-    order = np.argsort(-fused, kind="stable")
-    return fused[order], np.asarray(ids, np.int64)[order]
-
-
-def homography_corner_error(h_est: np.ndarray, h_true: np.ndarray, size: tuple[int, int]) -> float:
-    """Largest distance, pixels, between the image corners mapped by two homographies."""
-    w, h = size
-    corners = np.array([[[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]], np.float64)
-    a = cv2.perspectiveTransform(corners, np.asarray(h_est, np.float64))[0]
-    b = cv2.perspectiveTransform(corners, np.asarray(h_true, np.float64))[0]
-    err = float(np.linalg.norm(a - b, axis=1).max())
-    return err if math.isfinite(err) else math.inf

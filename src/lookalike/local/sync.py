@@ -1,7 +1,7 @@
 """Keep an index's local features in step with its images.
 
 An index built with ``lookalike index --local NAME`` records its :class:`VerifyConf` in its
-settings (key :data:`LOCAL_KEY`) and stores the local features of every searchable image in
+manifest (``local``) and stores the local features of every searchable image in
 ``<index>/local`` (:class:`~lookalike.local.store.LocalFeatureStore`), each tagged with the
 content hash of the image it describes. :func:`sync_local` brings the store in line with
 the index after any change: features of removed images are dropped, those of new or updated
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOCAL_KEY = "local"  # index settings entry holding the VerifyConf the index was built with
 CHUNK = 32  # images per local-feature commit
 
 Progress = Callable[[int, int], None]
@@ -39,8 +38,7 @@ Progress = Callable[[int, int], None]
 
 def recorded_conf(store: IndexStore) -> VerifyConf | None:
     """The :class:`VerifyConf` recorded in the index, or None (built without ``--local``)."""
-    data = store.settings.get(LOCAL_KEY)
-    return None if data is None else VerifyConf.from_dict(data)
+    return store.manifest.local
 
 
 def record_conf(store: IndexStore, conf: VerifyConf) -> None:
@@ -74,7 +72,7 @@ def record_conf(store: IndexStore, conf: VerifyConf) -> None:
     if conf.weights is None and old is not None and old.weights is not None:
         conf = conf.replace(weights=old.weights)
     if old != conf:
-        store.set_settings({**store.settings, LOCAL_KEY: conf.to_dict()})
+        store.update_manifest(local=conf)
 
 
 def open_local_store(
@@ -154,38 +152,44 @@ def describe_into(
     extractor: LocalExtractor,
     progress: Progress | None = None,
     workers: int = 2,
-) -> dict[int, dict]:
+) -> tuple[dict[int, dict], list[tuple[int, dict, str | None]]]:
     """Compute the local features of indexed images ``ids`` from their files.
 
-    Features of a file that still holds the indexed content are stored in ``local`` (when
-    given), tagged with its content hash. A file that cannot be read, or changed since it
-    was indexed, gets features that are returned but not stored (empty when unreadable):
-    the next indexing run updates or fails the image, and its features follow.
+    Features of a file that still holds the indexed content are *storable*: stored in
+    ``local`` (when given, in commits of :data:`CHUNK`), tagged with its content hash. A file
+    that cannot be read, or changed since it was indexed, gets features that are returned
+    but not storable (empty when unreadable): the next indexing run updates or fails the
+    image, and its features follow.
 
     Returns:
-        ``{id: features}`` of every image described.
+        ``({id: features} of every image described, [(id, features, tag)] storable)``.
     """
     records = [r for r in store.get(ids) if r is not None]
     paths = [r.path for r in records]
     if progress:
         progress(0, len(records))
     out: dict[int, dict] = {}
-    batch: list[tuple[int, dict]] = []
-    tags: list[str | None] = []
+    storable: list[tuple[int, dict, str | None]] = []
+    pending = 0
     decoded = decode_many(paths, extractor.max_side, workers=workers if len(paths) > 8 else 0)
     for done, (record, d) in enumerate(zip(records, decoded, strict=True), 1):
         feats = out[record.id] = describe_decoded(extractor, d)
         if d.error is None and d.content_hash == record.content_hash:
-            batch.append((record.id, feats))
-            tags.append(record.content_hash)
-        if local is not None and batch and (len(batch) >= CHUNK or done == len(records)):
-            local.put_many(batch, tags)
-            batch, tags = [], []
+            storable.append((record.id, feats, record.content_hash))
+        if (
+            local is not None
+            and len(storable) > pending
+            and (len(storable) - pending >= CHUNK or done == len(records))
+        ):
+            batch = storable[pending:]
+            local.put_many([(i, f) for i, f, _ in batch], [t for *_, t in batch])
+            pending = len(storable)
         if progress and (done % CHUNK == 0 or done == len(records)):
             progress(done, len(records))
-    if local is not None and batch:
-        local.put_many(batch, tags)
-    return out
+    if local is not None and len(storable) > pending:
+        batch = storable[pending:]
+        local.put_many([(i, f) for i, f, _ in batch], [t for *_, t in batch])
+    return out, storable
 
 
 def describe_decoded(extractor: LocalExtractor, decoded) -> dict:

@@ -1,161 +1,161 @@
-"""Re-ranking: second stages that refine a first-stage ranking.
+"""Re-ranking: second stages that refine a first-stage ranking, all through one protocol.
 
-Every stage is a :class:`Reranker`: it takes the first-stage ``(scores, ids)`` of one query
-and returns a new ranking under the faiss contract. The descriptor-space stages live here:
+Every stage is a :class:`Stage`: it takes one query's :class:`~lookalike.ranking.Ranking`
+(scores, ids and optional per-candidate fields) and returns one. The built-in stages:
 
 * ``aqe`` / ``alpha-qe`` (:mod:`lookalike.rerank.qe`): expand the query with its top results
   and search again;
 * ``dba`` / ``dba+aqe`` / ``dba+alpha-qe`` (:mod:`lookalike.rerank.dba`): search the
-  augmented database stored in the index, optionally with an expanded query.
+  augmented database (kept current as the index changes), optionally with an expanded query;
+* ``verify`` (:mod:`lookalike.rerank.verify`): local-feature matching and geometric
+  verification of the top ``budget``; it adds the ``inliers`` field and always runs last.
 
-::
+A :class:`~lookalike.search.Searcher` is built once with its stages (:func:`build_stages`)
+and runs them for every query; the state a stage needs (the DBA matrix, local features, a
+verifier's model) lives in :class:`StageResources`, loaded once per index and shared by every
+searcher made from it, kept current by checking the index's version, never per query.
 
-    stage = create_reranker("dba+alpha-qe")
-    raw = extractor.extract_query(path)[:1]                  # the upright view, raw (1, D)
-    scores, ids = store.search(raw, 100)                     # or the fused multi-view ranking
-    scores, ids = stage(store, store.index_space(raw)[0], scores[0], ids[0], k=10)
-
-Query expansion over the *augmented* database is what combines the two (Radenovic et al.
+Query expansion over the *augmented* database is what combines DBA and QE (Radenovic et al.
 2018): a QE stage placed after ``dba`` would search the plain index again and lose the
-augmentation, so :func:`descriptor_pipeline` folds ``["dba", "alpha-qe"]`` into the one
-``dba+alpha-qe`` stage (the ``dba`` preset with the ``alpha-qe`` preset's expansion).
-
-The maths is in :mod:`lookalike.rerank.functional` (``alpha_qe``, ``average_qe``, ``dba``,
-``knn_lists``); ``lookalike.rerank.dba`` is the DBA module, not the function.
+augmentation, so :func:`resolve_names` folds ``["dba", "alpha-qe"]`` into the one
+``dba+alpha-qe`` stage. The maths is in :mod:`lookalike.rerank.functional`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
-
-import numpy as np
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lookalike.errors import ConfigError
-from lookalike.index import IndexStore
-from lookalike.rerank.dba import (
-    DBA_PRESETS,
-    DBAConf,
-    DBAIndex,
-    DBARerank,
-    build_dba,
-    open_dba,
-    sync_dba,
-)
+from lookalike.query import QueryContext
+from lookalike.ranking import Ranking
+from lookalike.rerank.dba import DBAIndex, build_dba
+from lookalike.rerank.dba_stage import DBA_PRESETS, DBAConf, DBARerank, DBAState, sync_dba
 from lookalike.rerank.functional import alpha_qe, average_qe
-from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion, fit_ranking
+from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion
+from lookalike.rerank.resources import StageResources
+
+if TYPE_CHECKING:
+    from lookalike.local.conf import VerifyConf
+
+VERIFY = "verify"
+RERANK_DEPTH = 100  # first-stage results handed to the re-ranking stages
 
 
 @runtime_checkable
-class Reranker(Protocol):
+class Stage(Protocol):
     """One re-ranking stage.
 
     Attributes:
-        name: the stage name (a :data:`RERANKERS` key for the built-in ones).
+        name: the stage name (a :data:`STAGES` key for the built-in ones).
+        depth: candidates it reads from the ranking it is given (0: it reads what it gets);
+            earlier stages and the first-stage search return at least this many.
     """
 
     name: str
+    depth: int
 
-    def __call__(
-        self,
-        store: IndexStore,
-        query: np.ndarray,
-        scores: np.ndarray,
-        ids: np.ndarray,
-        k: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, query: QueryContext, ranking: Ranking, k: int) -> Ranking:
         """Re-rank one query.
 
         Args:
-            store: the index the first stage searched.
-            query: ``(d,)`` float32 query descriptor in the index space (whitened and
-                L2-normalised: :meth:`IndexStore.index_space` of the raw descriptor).
-            scores: ``(k0,)`` float32 first-stage scores, best first.
-            ids: ``(k0,)`` int64 first-stage ids, ``-1`` padding.
-            k: results wanted; ``<= 0`` ranks the whole index.
+            query: the query (its upright index-space descriptor, the query itself).
+            ranking: ``(k0,)`` ranking so far, best first, ``-1`` padding.
+            k: results wanted, >= 0.
 
         Returns:
-            ``(scores, ids)``, ``(k,)`` float32 / int64, best first, ``-1`` / ``-inf`` padding.
+            The ``(k,)`` ranking, best first, ``-1`` / ``-inf`` padding; fields of the input
+            that the stage keeps, plus its own.
         """
         ...
 
 
-RERANKERS: dict[str, Callable[[], Reranker]] = {
-    "aqe": lambda: QueryExpansion.from_preset("aqe"),
-    "alpha-qe": lambda: QueryExpansion.from_preset("alpha-qe"),
-    "dba": lambda: DBARerank.from_preset("dba"),
-    "dba+aqe": lambda: DBARerank.from_preset("dba+aqe"),
-    "dba+alpha-qe": lambda: DBARerank.from_preset("dba+alpha-qe"),
+# Every name --rerank accepts, and what it is.
+STAGES: dict[str, str] = {
+    **{name: f"query expansion: {conf}" for name, conf in QE_PRESETS.items()},
+    **{name: f"database-side augmentation: {conf}" for name, conf in DBA_PRESETS.items()},
+    VERIFY: "local features + RANSAC on the top `budget`, always last",
 }
 
 
-def create_reranker(name: str) -> Reranker:
-    """The built-in stage ``name``; ``ConfigError`` (a ``ValueError``) listing the valid names."""
-    if name not in RERANKERS:
-        raise ConfigError(f"unknown re-ranking stage {name!r}; choose from {', '.join(RERANKERS)}")
-    return RERANKERS[name]()
+def resolve_names(names: Sequence[str]) -> list[str]:
+    """A ``--rerank`` list as the stages that run: validated, ``dba`` and one query
+    expansion folded into ``dba+<qe>`` (where the first of the two stood), ``verify`` last.
 
-
-def descriptor_pipeline(names: Sequence[str]) -> list[Reranker]:
-    """The descriptor-space stages for a ``--rerank`` list, in order.
-
-    ``dba`` together with ``aqe`` or ``alpha-qe`` (either order) becomes one DBA stage that
-    expands the query over the augmented database, where the first of the two stood. Names
-    that are not descriptor-space stages (``verify``, ...) are the caller's: pass only
-    :data:`RERANKERS` keys here.
+    Raises:
+        ConfigError: an unknown name (listing the valid ones), ``verify`` twice, or two
+            query expansions with ``dba``.
     """
-    names = list(names)
+    names = [str(n) for n in names]
     for name in names:
-        if name not in RERANKERS:
-            create_reranker(name)  # raises, naming the valid stages
+        if name not in STAGES:
+            raise ConfigError(f"unknown re-ranking stage {name!r}; choose from {', '.join(STAGES)}")
+    if names.count(VERIFY) > 1:
+        raise ConfigError("'verify' appears twice in the re-ranking stages; give it once")
+    verify = VERIFY in names
+    names = [n for n in names if n != VERIFY]
     qe = [n for n in names if n in QE_PRESETS]
-    if "dba" not in names or not qe:
-        return [create_reranker(n) for n in names]
-    if len(qe) > 1:
-        raise ConfigError(f"choose one query expansion with dba, got {', '.join(qe)}")
-    fused = DBARerank.from_preset(f"dba+{qe[0]}")
-    first = min(names.index("dba"), names.index(qe[0]))
-    stages = [
-        fused if i == first else create_reranker(n)
-        for i, n in enumerate(names)
-        if i == first or n not in ("dba", qe[0])
-    ]
+    if "dba" in names and qe:
+        if len(qe) > 1:
+            raise ConfigError(f"choose one query expansion with dba, got {', '.join(qe)}")
+        first = min(names.index("dba"), names.index(qe[0]))
+        names = [
+            f"dba+{qe[0]}" if i == first else n
+            for i, n in enumerate(names)
+            if i == first or n not in ("dba", qe[0])
+        ]
+    return [*names, VERIFY] if verify else names
+
+
+def build_stages(
+    names: Sequence[str],
+    resources: StageResources,
+    verify: VerifyConf | dict | None = None,
+) -> list[Stage]:
+    """The stages for a ``--rerank`` list (see :func:`resolve_names`), their state taken
+    from ``resources``; ``verify`` sets the verification (a :class:`VerifyConf`, or a dict
+    of changes to the index's recorded settings)."""
+    stages: list[Stage] = []
+    for name in resolve_names(names):
+        if name in QE_PRESETS:
+            stages.append(QueryExpansion(resources.source, QE_PRESETS[name], name))
+        elif name in DBA_PRESETS:
+            conf = DBA_PRESETS[name]
+            stages.append(DBARerank(resources.dba(conf.k, conf.alpha), conf, name))
+        else:
+            stages.append(resources.verifier(verify))
     return stages
 
 
-def run_pipeline(
-    stages: Sequence[Reranker],
-    store: IndexStore,
-    query: np.ndarray,
-    scores: np.ndarray,
-    ids: np.ndarray,
-    k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``stages`` in order, each to the previous ranking; ``(k,)`` scores and ids
-    (no stages: the first-stage ranking cut or padded to ``k``)."""
+def stage_depths(stages: Sequence[Stage], k: int) -> tuple[int, list[int]]:
+    """``(first-stage depth, results each stage returns)`` for ``k`` final results: a stage
+    returns at least what any later stage reads; the first stage fetches
+    :data:`RERANK_DEPTH` when there is any stage."""
     if not stages:
-        return fit_ranking(scores, ids, k, store)
-    for stage in stages:
-        scores, ids = stage(store, query, scores, ids, k)
-    return scores, ids
+        return k, []
+    outs = [max([k, *(s.depth for s in stages[i + 1 :])]) for i in range(len(stages))]
+    return max(k, RERANK_DEPTH, *(s.depth for s in stages)), outs
 
 
 __all__ = [
     "DBA_PRESETS",
     "QE_PRESETS",
-    "RERANKERS",
+    "RERANK_DEPTH",
+    "STAGES",
+    "VERIFY",
     "DBAConf",
     "DBAIndex",
     "DBARerank",
+    "DBAState",
     "QEConf",
     "QueryExpansion",
-    "Reranker",
+    "Stage",
+    "StageResources",
     "alpha_qe",
     "average_qe",
     "build_dba",
-    "create_reranker",
-    "descriptor_pipeline",
-    "open_dba",
-    "run_pipeline",
+    "build_stages",
+    "resolve_names",
+    "stage_depths",
     "sync_dba",
 ]

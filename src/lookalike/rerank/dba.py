@@ -8,9 +8,10 @@ live index-space vectors, whatever faiss structure the index uses.
 
 Stored as ``dba.npz`` in the index directory, replaced atomically: the augmented vectors,
 the neighbour lists (image ids and similarities), ``k``, ``alpha`` and the
-:meth:`~lookalike.index.IndexStore.vector_version` ``(seq, epoch)`` they were computed at.
-A DBA whose version differs from the store's is stale and is never searched: the
-re-ranking stage brings it up to date first (:meth:`DBAIndex.update`).
+:meth:`~lookalike.index.VectorSource.version` ``(seq, epoch)`` they were computed at. A DBA
+whose version differs from the index's is stale and is never searched: the re-ranking stage
+brings it up to date first (:meth:`DBAIndex.update`). The stage, the per-index state that
+keeps one DBA current and the writer-side sync are in :mod:`lookalike.rerank.dba_stage`.
 
 Update rule. The augmented vector of image ``i`` depends only on its neighbour list and on
 the vectors in it, so after adds, updates (a changed vector) and removals it is recomputed
@@ -33,17 +34,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
-from lookalike.index import IndexStore
-from lookalike.index.store import LiveVectors
-from lookalike.rerank.functional import dba, knn_lists, max_fuse
-from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion, top_valid
+from lookalike.index.source import LiveVectors, VectorSource
+from lookalike.rerank.functional import dba, knn_lists
 from lookalike.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -54,7 +51,7 @@ FULL_REBUILD_FRACTION = 0.25  # more changed images than this fraction: recomput
 CHUNK = 2048  # rows per block of brute-force similarities (CHUNK x N float32 in memory)
 
 
-def _check_params(k: int, alpha: float) -> None:
+def check_params(k: int, alpha: float) -> None:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ConfigError(f"DBA k must be an integer >= 1 (1 = off), got {k!r}")
     if not alpha >= 0:
@@ -67,14 +64,14 @@ def _to_ids(pos: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class DBAIndex:
-    """The augmented database of one index, at one :meth:`IndexStore.vector_version`.
+    """The augmented database of one index, at one :meth:`VectorSource.version`.
 
-    Use :func:`build_dba`, :func:`open_dba` or :meth:`load`, not the constructor.
+    Use :func:`build_dba` or :meth:`load`, not the constructor.
 
     Attributes:
         k: neighbours per augmented vector, the image itself included.
         alpha: weight exponent; 0 is average DBA.
-        seq, epoch: the store version the state corresponds to.
+        seq, epoch: the index version the state corresponds to.
         ids: ``(N,)`` int64 image ids, ascending.
         neighbours: ``(N, k)`` int64 image ids of each list (itself first, ``-1`` padding).
         sims: ``(N, k)`` float32 their similarities (``-inf`` padding).
@@ -83,7 +80,7 @@ class DBAIndex:
 
     def __init__(
         self,
-        store: IndexStore,
+        source: VectorSource,
         k: int,
         alpha: float,
         version: tuple[int, int],
@@ -92,7 +89,7 @@ class DBAIndex:
         sims: np.ndarray,
         vectors: np.ndarray,
     ) -> None:
-        self.store = store
+        self.source = source
         self.k = int(k)
         self.alpha = float(alpha)
         self.seq, self.epoch = int(version[0]), int(version[1])
@@ -114,34 +111,29 @@ class DBAIndex:
     # -- computing ---------------------------------------------------------------------------
 
     @classmethod
-    def compute(cls, store: IndexStore, k: int, alpha: float, live: LiveVectors) -> DBAIndex:
-        """From scratch, from one :meth:`IndexStore.live_vectors` state."""
-        _check_params(k, alpha)
+    def compute(cls, source: VectorSource, k: int, alpha: float, live: LiveVectors) -> DBAIndex:
+        """From scratch, from one :meth:`VectorSource.live` state."""
+        check_params(k, alpha)
         pos, sims = knn_lists(live.vectors, np.arange(len(live.ids)), k)
         vectors = dba(live.vectors, pos, sims, alpha)
         neighbours = _to_ids(pos, live.ids)
-        return cls(store, k, alpha, (live.seq, live.epoch), live.ids, neighbours, sims, vectors)
+        return cls(source, k, alpha, (live.seq, live.epoch), live.ids, neighbours, sims, vectors)
 
     def is_current(self) -> bool:
-        """Whether the store still holds exactly the vectors this state was computed from."""
-        return self.store.vector_version() == (self.seq, self.epoch)
+        """Whether the index still holds exactly the vectors this state was computed from."""
+        return self.source.version() == (self.seq, self.epoch)
 
-    def update(self, store: IndexStore | None = None) -> int:
-        """Bring the state up to the store's current version (see the module docstring).
-
-        Args:
-            store: the index (default: the one this state was computed for); a writable
-                store is not saved here, call :meth:`save`.
+    def update(self) -> int:
+        """Bring the state up to the index's current version (see the module docstring),
+        in memory (:meth:`save` stores it).
 
         Returns:
             How many augmented vectors were recomputed (0: already current).
         """
         with self._lock:
-            if store is not None:
-                self.store = store
             if self.is_current():
                 return 0
-            live = self.store.live_vectors()
+            live = self.source.live()
             fresh, recomputed = self._updated(live)
             self.seq, self.epoch = fresh.seq, fresh.epoch
             self.ids, self.neighbours = fresh.ids, fresh.neighbours
@@ -153,13 +145,13 @@ class DBAIndex:
         """The state at ``live``'s version and how many augmented vectors were recomputed."""
         n = len(live.ids)
         if live.epoch != self.epoch or len(self.ids) == 0:
-            return DBAIndex.compute(self.store, self.k, self.alpha, live), n
+            return DBAIndex.compute(self.source, self.k, self.alpha, live), n
         changed = live.seqs > self.seq  # added or updated since this state
         kept = np.isin(live.ids, self.ids) & ~changed
         gone = np.setdiff1d(self.ids, live.ids[kept])  # removed or updated ids
         n_changes = int(changed.sum()) + int(np.isin(gone, live.ids, invert=True).sum())
         if n_changes > FULL_REBUILD_FRACTION * n:
-            return DBAIndex.compute(self.store, self.k, self.alpha, live), n
+            return DBAIndex.compute(self.source, self.k, self.alpha, live), n
         base = live.vectors
         kept_rows = np.flatnonzero(kept)
         old = np.searchsorted(self.ids, live.ids[kept_rows])
@@ -191,7 +183,14 @@ class DBAIndex:
         vectors[rows] = dba(base, pos[rows], sims[rows], self.alpha)
         version = (live.seq, live.epoch)
         fresh = DBAIndex(
-            self.store, self.k, self.alpha, version, live.ids, _to_ids(pos, live.ids), sims, vectors
+            self.source,
+            self.k,
+            self.alpha,
+            version,
+            live.ids,
+            _to_ids(pos, live.ids),
+            sims,
+            vectors,
         )
         return fresh, len(rows)
 
@@ -200,7 +199,7 @@ class DBAIndex:
     def _require_current(self) -> None:
         if not self.is_current():
             raise IndexStateError(
-                f"the DBA of index {self.store.path} is at seq {self.seq} but the index has "
+                f"the DBA of index {self.source.path} is at seq {self.seq} but the index has "
                 "changed since; call update() before searching it"
             )
 
@@ -235,7 +234,7 @@ class DBAIndex:
             padding (one query: ``(k,)`` each).
 
         Raises:
-            IndexStateError: the store changed since this state (call :meth:`update`).
+            IndexStateError: the index changed since this state (call :meth:`update`).
         """
         q = np.asarray(queries, dtype=np.float32)
         single = q.ndim == 1
@@ -262,19 +261,14 @@ class DBAIndex:
 
     # -- persistence -------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Write ``dba.npz`` into the index directory atomically; returns its path.
+    def save(self, path: Path, unique: bool = False) -> Path:
+        """Write the state to ``path`` (``<index>/dba.npz``) atomically; the caller holds
+        the index's writer lock. ``unique``: a scratch name of this call only.
 
         Raises:
-            IndexStateError: the store is read-only (only its writer may change the
-                directory), or the state is stale.
+            IndexStateError: the state is stale.
         """
         with self._lock:
-            if not self.store.writable:
-                raise IndexStateError(
-                    f"index {self.store.path} is open read-only; open it for writing to store "
-                    "its DBA"
-                )
             self._require_current()
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -283,7 +277,6 @@ class DBAIndex:
                 "seq": self.seq,
                 "epoch": self.epoch,
             }
-            path = self.store.path / DBA_NAME
 
             def write(tmp: Path) -> None:
                 with open(tmp, "wb") as f:
@@ -296,37 +289,38 @@ class DBAIndex:
                         vectors=self.vectors,
                     )
 
-            atomic_write(path, write)
+            atomic_write(path, write, unique=unique)
             return path
 
     @classmethod
-    def load(cls, store: IndexStore) -> DBAIndex | None:
-        """The DBA stored in the index directory (maybe stale), or None if there is none.
+    def load(cls, path: Path, source: VectorSource) -> DBAIndex | None:
+        """The DBA stored at ``path`` (maybe stale), or None if there is none.
 
         Raises:
             IndexStateError: the file is damaged or of a newer format.
         """
-        path = store.path / DBA_NAME
         if not path.exists():
             return None
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {key: data[key] for key in ("ids", "neighbours", "sims", "vectors")}
-        except (OSError, ValueError, KeyError) as error:
+            k, alpha = int(meta["k"]), float(meta["alpha"])
+            version = (int(meta["seq"]), int(meta["epoch"]))
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as error:
             raise IndexStateError(
                 f"{path} is damaged ({error}); delete it, it is rebuilt on the next search"
             ) from None
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise IndexStateError(f"{path} has a newer format; upgrade lookalike or delete it")
-        n, k = len(arrays["ids"]), int(meta["k"])
+        n = len(arrays["ids"])
         if arrays["neighbours"].shape != (n, k) or len(arrays["vectors"]) != n:
             raise IndexStateError(f"{path} is damaged (inconsistent shapes); delete it")
         return cls(
-            store,
-            int(meta["k"]),
-            float(meta["alpha"]),
-            (int(meta["seq"]), int(meta["epoch"])),
+            source,
+            k,
+            alpha,
+            version,
             arrays["ids"].astype(np.int64),
             arrays["neighbours"],
             arrays["sims"],
@@ -334,159 +328,13 @@ class DBAIndex:
         )
 
 
-def build_dba(store: IndexStore, k: int = 5, alpha: float = 1.0) -> DBAIndex:
-    """Compute the DBA of ``store`` from scratch (in memory; :meth:`DBAIndex.save` stores it).
+def build_dba(source: VectorSource, k: int = 5, alpha: float = 1.0) -> DBAIndex:
+    """Compute the DBA of an index from scratch (in memory; :meth:`DBAIndex.save` stores it).
 
     Args:
-        store: the index.
+        source: the index's vectors (:meth:`IndexStore.vector_source`).
         k: neighbours per augmented vector, the image itself included; 1 is no augmentation.
         alpha: weight exponent ``max(sim, 0)^alpha``; 0 is average DBA.
     """
-    _check_params(k, alpha)
-    return DBAIndex.compute(store, k, alpha, store.live_vectors())
-
-
-def open_dba(store: IndexStore, k: int = 5, alpha: float = 1.0) -> DBAIndex:
-    """The current DBA of ``store`` with these settings: the stored one, brought up to date,
-    or a new one. A writable store gets the result saved when anything changed."""
-    _check_params(k, alpha)
-    current = DBAIndex.load(store)
-    if current is not None and (current.k, current.alpha) == (k, float(alpha)):
-        stored = (current.seq, current.epoch)
-        current.update(store)
-        changed = (current.seq, current.epoch) != stored
-    else:
-        if current is not None:
-            logger.info("stored DBA has k=%d alpha=%g: rebuilding", current.k, current.alpha)
-        current, changed = build_dba(store, k, alpha), True
-    if changed and store.writable:
-        current.save()
-    return current
-
-
-def sync_dba(store: IndexStore) -> DBAIndex | None:
-    """Bring the DBA stored in a writable index up to date after changing the index; None
-    when the index has no stored DBA. Call it after :meth:`IndexStore.add` / ``remove``."""
-    current = DBAIndex.load(store)
-    if current is None:
-        return None
-    stored = (current.seq, current.epoch)
-    current.update(store)
-    if (current.seq, current.epoch) != stored:
-        current.save()
-    return current
-
-
-EXPAND_FROM = ("first-stage", "dba")
-
-
-@dataclass(frozen=True)
-class DBAConf:
-    """DBA re-ranking settings; the defaults are the ``dba`` preset."""
-
-    k: int = 5  # neighbours averaged per database vector, the image itself included; 1 is off
-    alpha: float = 1.0  # neighbour weight = max(similarity, 0)^alpha; 0 = average DBA
-    qe: QEConf | None = None  # expand the query with augmented vectors of its top results
-    expand_from: str = "first-stage"  # QE neighbours: "first-stage" ranking, or "dba" search
-    keep_first_stage: bool = True  # score = max(new, first-stage score); False: new score only
-
-    def __post_init__(self) -> None:
-        _check_params(self.k, self.alpha)
-        if self.expand_from not in EXPAND_FROM:
-            raise ConfigError(
-                f"DBA expand_from must be one of {', '.join(EXPAND_FROM)}, got {self.expand_from!r}"
-            )
-
-
-# Measured on Oxford5k (845) and Holidays with benchmarks/rerank.py --tune.
-# One augmented database (k=5, alpha=1) serves every preset, so switching presets never
-# recomputes the stored one; the QE parts are the QE presets of the same names.
-DBA_PRESETS: dict[str, DBAConf] = {
-    "dba": DBAConf(),  # augmented database, the upright query as it is
-    "dba+aqe": DBAConf(qe=QE_PRESETS["aqe"]),  # + average QE over augmented vectors
-    "dba+alpha-qe": DBAConf(qe=QE_PRESETS["alpha-qe"]),  # + alpha-QE over augmented vectors
-}
-
-
-class DBARerank:
-    """Re-ranking stage: search the augmented database (optionally with an expanded query).
-
-    The augmented database of each store is opened on first use (:func:`open_dba`: the
-    stored one, else computed) and brought up to date whenever the store has changed, so a
-    stale one is never searched; a writable store gets the update saved.
-
-    Args:
-        conf: DBA settings, query expansion included.
-        name: the stage name reported in pipelines.
-    """
-
-    def __init__(self, conf: DBAConf = DBAConf(), name: str = "dba") -> None:
-        self.conf = conf
-        self.name = name
-        self.expansion = None if conf.qe is None else QueryExpansion(conf.qe, name)
-        self._indexes: weakref.WeakKeyDictionary[IndexStore, DBAIndex] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_preset(cls, name: str) -> DBARerank:
-        if name not in DBA_PRESETS:
-            raise ConfigError(
-                f"unknown DBA preset {name!r}; choose one of {', '.join(DBA_PRESETS)}"
-            )
-        return cls(DBA_PRESETS[name], name)
-
-    def __repr__(self) -> str:
-        return f"DBARerank({self.name!r}, {self.conf})"
-
-    def index_for(self, store: IndexStore) -> DBAIndex:
-        """The current augmented database of ``store``."""
-        with self._lock:
-            index = self._indexes.get(store)
-            if index is None:
-                index = open_dba(store, self.conf.k, self.conf.alpha)
-                self._indexes[store] = index
-            elif not index.is_current():
-                index.update(store)
-                if store.writable:
-                    try:
-                        index.save()
-                    except IndexStateError:  # changed again meanwhile: the next call saves
-                        logger.debug("DBA of %s not saved: the index changed meanwhile", store)
-            return index
-
-    def __call__(
-        self,
-        store: IndexStore,
-        query: np.ndarray,
-        scores: np.ndarray,
-        ids: np.ndarray,
-        k: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank one query (see :class:`lookalike.rerank.Reranker`): ``(k,)`` scores and
-        ids from the augmented database."""
-        for _ in range(3):  # a commit between the update and the search: update again
-            index = self.index_for(store)
-            try:
-                out_s, out_i = index.search(self._query(index, query, scores, ids), k)
-            except IndexStateError:
-                continue
-            if self.conf.keep_first_stage:
-                return max_fuse(out_s, out_i, scores, ids, len(out_i))
-            return out_s, out_i
-        raise IndexStateError(
-            f"index {store.path} kept changing during re-ranking; retry in a moment"
-        )
-
-    def _query(
-        self, index: DBAIndex, query: np.ndarray, scores: np.ndarray, ids: np.ndarray
-    ) -> np.ndarray:
-        if self.expansion is None:
-            return query
-        if self.conf.expand_from == "dba":
-            scores, ids = index.search(query, self.expansion.conf.n)
-        top_s, top_i = top_valid(scores, ids, len(ids))
-        known = index.contains(top_i)
-        top_s, top_i = top_s[known][: self.expansion.conf.n], top_i[known][: self.expansion.conf.n]
-        if len(top_i) == 0:
-            return query
-        return self.expansion.expand(query, index.augmented(top_i), top_s)
+    check_params(k, alpha)
+    return DBAIndex.compute(source, k, alpha, source.live())

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.index import IndexStore
+from lookalike.index.source import VectorSource
+from lookalike.query import QueryContext
+from lookalike.ranking import Ranking
 from lookalike.rerank.functional import alpha_qe, max_fuse
 
 logger = logging.getLogger(__name__)
@@ -71,17 +73,19 @@ class QueryExpansion:
     """Re-ranking stage: expand the query with its top results, search the index again.
 
     Args:
+        source: the index-space vectors of the index searched.
         conf: ``n`` and ``alpha``.
         name: the stage name reported in pipelines (``"aqe"``, ``"alpha-qe"``, ...).
     """
 
-    def __init__(self, conf: QEConf = QEConf(), name: str = "alpha-qe") -> None:
+    depth = 0  # reads the top n of what it is given
+
+    def __init__(
+        self, source: VectorSource, conf: QEConf = QEConf(), name: str = "alpha-qe"
+    ) -> None:
+        self.source = source
         self.conf = conf
         self.name = name
-
-    @classmethod
-    def from_preset(cls, name: str) -> QueryExpansion:
-        return cls(get_qe_conf(name), name)
 
     def __repr__(self) -> str:
         return f"QueryExpansion({self.name!r}, {self.conf})"
@@ -90,38 +94,25 @@ class QueryExpansion:
         """``(d,)`` expanded query from ``(m, d)`` neighbours (best first) and their sims."""
         return alpha_qe(query, neighbours, sims, alpha=self.conf.alpha, n=self.conf.n)
 
-    def __call__(
-        self,
-        store: IndexStore,
-        query: np.ndarray,
-        scores: np.ndarray,
-        ids: np.ndarray,
-        k: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank one query (see :class:`lookalike.rerank.Reranker`): ``(k,)`` scores and
-        ids of the expanded query."""
+    def __call__(self, query: QueryContext, ranking: Ranking, k: int) -> Ranking:
+        """Re-rank one query (the :class:`lookalike.rerank.Stage` protocol): the ranking of
+        the expanded query, fused with the given one (``keep_first_stage``)."""
+        scores, ids = ranking.scores, ranking.ids
         top_s, top_i = top_valid(scores, ids, self.conf.n)
         if len(top_i) == 0:  # nothing to expand with: the first stage stands
-            return fit_ranking(scores, ids, k, store)
+            return fit_ranking(scores, ids, k)
         try:
-            neighbours = store.index_vectors(top_i)
+            neighbours = self.source.vectors(top_i)
         except ValueError:  # removed since this reader's snapshot: keep the first stage
             logger.warning("query expansion skipped: a top result is no longer in the index")
-            return fit_ranking(scores, ids, k, store)
-        expanded = self.expand(query, neighbours, top_s)
-        out_s, out_i = store.search_index_space(expanded[None], k)
+            return fit_ranking(scores, ids, k)
+        expanded = self.expand(query.descriptor, neighbours, top_s)
+        out_s, out_i = self.source.search(expanded[None], k)
         if self.conf.keep_first_stage:
-            return max_fuse(out_s[0], out_i[0], scores, ids, len(out_i[0]))
-        return out_s[0], out_i[0]
+            return Ranking(*max_fuse(out_s[0], out_i[0], scores, ids, len(out_i[0])))
+        return Ranking(out_s[0], out_i[0])
 
 
-def fit_ranking(
-    scores: np.ndarray, ids: np.ndarray, k: int, store: IndexStore
-) -> tuple[np.ndarray, np.ndarray]:
-    """A ``(k0,)`` ranking cut or padded to ``k`` results (``k <= 0``: the index size)."""
-    k = len(store) if k <= 0 else k
-    out_s = np.full(k, -np.inf, dtype=np.float32)
-    out_i = np.full(k, -1, dtype=np.int64)
-    m = min(k, len(ids))
-    out_s[:m], out_i[:m] = np.asarray(scores)[:m], np.asarray(ids)[:m]
-    return out_s, out_i
+def fit_ranking(scores: np.ndarray, ids: np.ndarray, k: int) -> Ranking:
+    """A ``(k0,)`` ranking cut or padded to ``k`` results."""
+    return Ranking.of(scores, ids).fit(k)

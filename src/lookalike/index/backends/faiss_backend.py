@@ -1,4 +1,4 @@
-"""The searchable faiss structure: construction, training, removal and search parameters.
+"""The faiss vector backend: construction, training, removal and search parameters.
 
 Faiss holds the (whitened, L2-normalised) descriptors under the image ids, in a
 ``faiss.IndexIDMap2`` around ``faiss.index_factory(d, factory, METRIC_INNER_PRODUCT)`` --
@@ -24,13 +24,15 @@ positions are dead) rebuilds the structure without them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
-from lookalike.index.conf import IndexConf, faiss_message
+from lookalike.errors import ConfigError
+from lookalike.index.backends.base import CheckpointError
+from lookalike.index.conf import INDEX_PRESETS, IndexConf, faiss_message
 from lookalike.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,31 @@ TRAIN_PER_LIST = 40  # least training vectors per IVF list (faiss warns below 39
 MIN_TRAIN = 1000  # least training vectors of any trained structure
 TRAIN_SAMPLE_PER_LIST = 100  # training vectors per IVF list: plenty for k-means, bounded RAM
 TRAIN_SAMPLE_MIN = 65536  # PQ/SQ codebooks: faiss subsamples 256 x 256 per sub-quantizer
-ADD_CHUNK = 65536  # vectors added per faiss call when building
 DEAD_REBUILD_FRACTION = 0.25  # checkpoint() rebuilds a tombstoned structure past this
+
+
+def validate_factory(factory: str, dim: int) -> None:
+    """Build ``factory`` once at ``dim`` to check it; ``ConfigError`` with faiss's reason if not.
+
+    Args:
+        factory: faiss ``index_factory`` string, e.g. ``"IVF1024,PQ32"``.
+        dim: descriptor dimension the structure will hold (after whitening).
+    """
+    if dim < 1:
+        raise ConfigError(f"index dimension must be >= 1, got {dim}")
+    if factory.replace(" ", "").upper().startswith("IDMAP"):
+        raise ConfigError(
+            f"index factory {factory!r} starts with IDMap; the index maps image ids itself, "
+            "drop the 'IDMap,' prefix"
+        )
+    try:
+        faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"invalid index factory {factory!r} for {dim}-d inner-product descriptors: "
+            f"{faiss_message(error)}; see the faiss wiki 'The index factory' or use a preset "
+            f"({', '.join(sorted(INDEX_PRESETS))})"
+        ) from None
 
 
 def make_index(conf: IndexConf, dim: int) -> faiss.Index:
@@ -111,7 +136,7 @@ def _can_remove(index: faiss.Index) -> bool:
 BLAS_MAX_QUERIES = 16  # flat searches of up to this many queries use _search_flat_blas
 
 
-class Backend:
+class FaissBackend:
     """A faiss index under image ids plus the tombstones of structures that cannot remove.
 
     Args:
@@ -120,9 +145,14 @@ class Backend:
         fallback: ``index`` is the exact flat stand-in for a not yet trained structure.
     """
 
+    name = "faiss"
+
     def __init__(self, index: faiss.Index, conf: IndexConf, fallback: bool) -> None:
-        self.index = index
         self.conf = conf
+        self._set_index(index, fallback)
+
+    def _set_index(self, index: faiss.Index, fallback: bool) -> None:
+        self.index = index
         self.fallback = fallback
         self.removable = _can_remove(index)
         wrapped = isinstance(index, faiss.IndexIDMap2)
@@ -141,7 +171,11 @@ class Backend:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, conf: IndexConf, dim: int) -> Backend:
+    def validate(cls, conf: IndexConf, dim: int) -> None:
+        validate_factory(conf.factory, dim)
+
+    @classmethod
+    def create(cls, conf: IndexConf, dim: int) -> FaissBackend:
         """No vectors: the configured structure, or the flat fallback if it needs training."""
         index = make_index(conf, dim)
         if index.is_trained:
@@ -149,61 +183,30 @@ class Backend:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), conf, fallback=True)
 
     @classmethod
-    def read(cls, path: Path, conf: IndexConf) -> Backend:
-        """Load a checkpoint written by :meth:`write` (``RuntimeError`` if unreadable)."""
-        index = faiss.read_index(str(path))
+    def load(cls, path: Path, conf: IndexConf) -> FaissBackend:
+        """Load a checkpoint written by :meth:`save` (``CheckpointError`` if unreadable)."""
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as error:
+            raise CheckpointError(faiss_message(error)) from None
         if not isinstance(index, faiss.IndexIDMap2) and not _native_ids(index):
-            raise RuntimeError(f"{path} holds a {type(index).__name__} without image ids")
+            raise CheckpointError(f"{path} holds a {type(index).__name__} without image ids")
         fallback = False
         if isinstance(index, faiss.IndexIDMap2) and not make_index(conf, index.d).is_trained:
             inner = faiss.downcast_index(index.index)
             fallback = type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP)
         return cls(index, conf, fallback=fallback)
 
-    @classmethod
-    def build(
-        cls,
-        conf: IndexConf,
-        dim: int,
-        ids: np.ndarray,
-        fetch: Callable[[np.ndarray], np.ndarray],
-        seed: int = 0,
-    ) -> Backend:
-        """Build from scratch, training the configured structure if there are enough vectors.
-
-        Args:
-            conf: index settings.
-            dim: faiss dimension ``d`` (after whitening).
-            ids: ``(n,)`` image ids.
-            fetch: ``fetch(rows)`` returns the ``(len(rows), d)`` float32 vectors of
-                ``ids[rows]``, ready for faiss (whitened, normalised).
-            seed: for the training sample.
-        """
-        ids = np.asarray(ids, dtype=np.int64)
-        n = len(ids)
-        index = make_index(conf, dim)
-        fallback = False
+    def train(self, sample: np.ndarray) -> None:
+        """Replace the exact stand-in by the configured structure trained on ``sample``."""
+        if self.ntotal:
+            raise ValueError("train() needs an empty backend; rebuild from the vectors")
+        index = make_index(self.conf, self.dim)
         if not index.is_trained:
-            need = min_train_size(index)
-            if n < need:
-                logger.info(
-                    "%d vectors < %d needed to train %s: exact flat fallback", n, need, conf.factory
-                )
-                index, fallback = faiss.IndexFlatIP(int(dim)), True
-            else:
-                rows = np.arange(n)
-                size = min(n, _train_sample_size(index))
-                if size < n:
-                    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-                logger.info("training %s on %d of %d vectors", conf.factory, size, n)
-                index.train(np.ascontiguousarray(fetch(rows), dtype=np.float32))
-        backend = cls(with_ids(index), conf, fallback=fallback)
-        for begin in range(0, n, ADD_CHUNK):
-            rows = np.arange(begin, min(n, begin + ADD_CHUNK))
-            backend.add(fetch(rows), ids[rows])
-        return backend
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self._set_index(with_ids(index), fallback=False)
 
-    def write(self, path: Path) -> None:
+    def save(self, path: Path) -> None:
         """Save to ``path`` atomically (tmp file, fsync, rename, directory fsync)."""
         atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
 
@@ -212,6 +215,22 @@ class Backend:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def trained(self) -> bool:
+        return not self.fallback
+
+    @property
+    def train_size(self) -> int:
+        return min_train_size(make_index(self.conf, self.dim)) if self.fallback else 0
+
+    @property
+    def train_sample(self) -> int:
+        """Training vectors drawn by :func:`~lookalike.index.backends.build_backend`."""
+        return _train_sample_size(make_index(self.conf, self.dim))
+
+    def __len__(self) -> int:
+        return self.n_live
 
     @property
     def ntotal(self) -> int:
@@ -229,6 +248,45 @@ class Backend:
     def wants_rebuild(self) -> bool:
         """Whether too many tombstones make a rebuild worth it."""
         return self.n_dead > 0 and self.n_dead >= DEAD_REBUILD_FRACTION * max(self.ntotal, 1)
+
+    def set_search_params(self, conf: IndexConf) -> None:
+        self.conf = conf
+        self.apply_search_params()
+
+    def search_params(self) -> dict[str, int]:
+        """The search parameters in effect (``nprobe`` / ``ef_search`` where they apply)."""
+        out: dict[str, int] = {}
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            out["nprobe"] = int(ivf.nprobe)
+        if isinstance(self._inner, faiss.IndexHNSW):
+            out["ef_search"] = int(self._inner.hnsw.efSearch)
+        return out
+
+    def memory_bytes(self) -> int:
+        """Vectors or codes, ids and graph links held in RAM (an estimate from the sizes)."""
+        n, total = self.ntotal, 8 * self.ntotal  # an id (or id map entry) per vector
+        ivf = faiss.try_extract_index_ivf(self.index)
+        inner = self._inner
+        if ivf is not None:
+            total += n * int(ivf.code_size) + int(ivf.nlist) * self.dim * 4
+        elif isinstance(inner, faiss.IndexHNSW):
+            storage = faiss.downcast_index(inner.storage)
+            total += n * int(storage.code_size) + 4 * int(inner.hnsw.neighbors.size())
+        elif inner is not None and hasattr(inner, "code_size"):
+            total += n * int(inner.code_size)
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "structure": "Flat (exact, until trained)" if self.fallback else self.conf.factory,
+            "live": self.n_live,
+            "dead": self.n_dead,
+            "trained": self.trained,
+            "memory_bytes": self.memory_bytes(),
+            "search_params": self.search_params(),
+        }
 
     def apply_search_params(self) -> None:
         """Set ``nprobe`` (IVF) and ``efSearch`` (HNSW) where the structure has them."""
@@ -258,7 +316,8 @@ class Backend:
     # -- mutation --------------------------------------------------------------------------
 
     def add(self, x: np.ndarray, ids: np.ndarray) -> None:
-        """Add ``(n, d)`` float32 vectors under ``(n,)`` image ids."""
+        """Add ``(n, d)`` float32 vectors under ``(n,)`` image ids, absent ones (an update is
+        :meth:`remove`, then add)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return

@@ -3,11 +3,14 @@
 This is the ``index`` stage: it composes :mod:`lookalike.images`, :mod:`lookalike.extract`
 and the on-disk :class:`~lookalike.index.IndexStore`. Every chunk of files is one atomic
 commit, so a run killed at any moment resumes with the files it had not committed yet:
-a file whose size and mtime match its record is never processed again.
+a file whose size and mtime match its record is never processed again. Afterwards what is
+derived from the images follows: the stored DBA, the local features (``local``), and, with a
+label source, the labels of the images already indexed (relabelled in place).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +24,8 @@ from lookalike.extract import ExtractConf, Extractor
 from lookalike.images import IMAGE_EXTENSIONS, Decoded, list_images
 from lookalike.index import ImageRecord, IndexConf, IndexStore, NewImage
 from lookalike.index.manifest import MANIFEST_NAME
+from lookalike.indexing.edit import relabel_store
+from lookalike.labels import LabelSource
 from lookalike.local.conf import VerifyConf
 from lookalike.whitening import learn_whitening
 
@@ -45,6 +50,9 @@ class IndexReport:
     seconds: float = 0.0  # wall time of decoding + describing + committing
     whitening_learned: bool = False
     local_described: int = 0  # images whose local features were computed (index --local)
+    relabelled: int | None = None  # already indexed images whose label changed (labels=...)
+    labelled: int | None = None  # labelled images in the whole index afterwards (labels=...)
+    classes: int | None = None  # distinct labels in the whole index afterwards (labels=...)
 
     @property
     def processed(self) -> int:
@@ -53,6 +61,14 @@ class IndexReport:
     @property
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """The JSON form ``lookalike index --json`` prints."""
+        out = dataclasses.asdict(self)
+        out["failed"] = [{"path": p, "error": e} for p, e in self.failed]
+        out["seconds"] = round(self.seconds, 3)
+        out["images_per_second"] = round(self.images_per_second, 2)
+        return out
 
 
 def open_for_writing(
@@ -77,6 +93,8 @@ def open_for_writing(
         store = IndexStore.open(index_dir, writable=True)
         try:
             store.check_compatible(conf.descriptor(), index_conf)
+            if extractor is not None:
+                store.check_weights(extractor.backbone.weights_id)
             _record_local(store, local)
         except BaseException:
             store.close()
@@ -84,11 +102,19 @@ def open_for_writing(
         return store, extractor
     extractor = extractor or Extractor(conf)
     store = IndexStore.create(
-        index_dir, conf.descriptor(), extractor.dim, index_conf, exist_ok=True
+        index_dir,
+        conf.descriptor(),
+        extractor.dim,
+        index_conf,
+        exist_ok=True,
+        query=conf.query_defaults(),
+        weights_hash=extractor.backbone.weights_id,
     )
-    if not store.settings:
-        store.set_settings(conf.query_settings())
-    _record_local(store, local)
+    try:
+        _record_local(store, local)
+    except BaseException:
+        store.close()
+        raise
     return store, extractor
 
 
@@ -106,6 +132,7 @@ def index_folder(
     index_conf: IndexConf = IndexConf(),
     *,
     remove_missing: bool = False,
+    labels: LabelSource | None = None,
     metadata: Callable[[Path], dict] | None = None,
     extractor: Extractor | None = None,
     progress: Progress | None = None,
@@ -113,7 +140,8 @@ def index_folder(
     local: VerifyConf | None = None,
     local_progress: Progress | None = None,
 ) -> IndexReport:
-    """Bring the index at ``index_dir`` in sync with the images under ``image_dir``.
+    """Bring the index at ``index_dir`` in sync with the images under ``image_dir``
+    (``lookalike index`` in one call).
 
     Args:
         image_dir: folder scanned recursively for images.
@@ -121,7 +149,10 @@ def index_folder(
         conf: descriptor settings; an existing index built with others is refused.
         index_conf: faiss structure for a new index.
         remove_missing: drop indexed files under ``image_dir`` that no longer exist.
-        metadata: user metadata per file (stored as JSON), e.g. a label.
+        labels: labels for recognition (:mod:`lookalike.labels`): new and changed files get
+            theirs as they are described, and the images of the folder that were already
+            indexed are relabelled in place (images of other folders keep theirs).
+        metadata: user metadata per file (stored as JSON); default ``labels``.
         extractor: a ready extractor for ``conf`` (saves loading the model twice).
         progress: called after each committed chunk.
         chunk: files per atomic commit.
@@ -138,10 +169,13 @@ def index_folder(
         )
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
-        return _sync(
-            store, conf, extractor, root, files, remove_missing, metadata, progress, chunk,
-            local_progress,
+        report = _sync(
+            store, conf, extractor, root, files, remove_missing, metadata or labels, progress,
+            chunk, local_progress,
         )  # fmt: skip
+        if labels is not None:
+            report.relabelled, report.labelled, report.classes = relabel_store(store, root, labels)
+        return report
     finally:
         store.close()
 
@@ -228,6 +262,7 @@ def _sync(
     need_whitening = conf.whitening is not None and store.whitening is None
     if todo and extractor is None:
         extractor = Extractor(conf)
+        store.check_weights(extractor.backbone.weights_id)
     regions: list[np.ndarray] = []
     done, since_checkpoint, start = 0, 0, time.perf_counter()
     if progress:
@@ -278,7 +313,7 @@ def _sync(
 
 def _update_dba(store: IndexStore) -> None:
     """Bring a stored database-side augmentation up to date with this run's changes."""
-    from lookalike.rerank.dba import sync_dba
+    from lookalike.rerank.dba_stage import sync_dba
 
     sync_dba(store)
 

@@ -1,0 +1,106 @@
+"""Which settings a command runs with: the index's own, unless the caller asks for others.
+
+Re-running ``lookalike index`` (or ``eval``) on an existing index needs no option repeated:
+the descriptor and the structure it records are used, and asking for other descriptor
+settings is refused by the index with a message naming each difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.extract import ExtractConf, get_preset
+from lookalike.index import IndexConf, get_index_conf
+from lookalike.index.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+FROM_INDEX = "(from index)"  # the preset name reported for an index's own settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings a run uses."""
+
+    preset: str  # the extract preset's name, or FROM_INDEX
+    extract: ExtractConf
+    index: IndexConf
+
+
+def existing_manifest(index_dir: str | Path | None) -> Manifest | None:
+    """The manifest of an existing index, None where there is none yet."""
+    if index_dir is None:
+        return None
+    root = Path(index_dir).expanduser()
+    if not (root / MANIFEST_NAME).exists():
+        return None
+    return read_manifest(root)
+
+
+def resolve_settings(
+    index_dir: str | Path | None,
+    preset: str | None = None,
+    *,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    pooling: str | None = None,
+    factory: str | None = None,
+    index_preset: str | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    workers: int | None = None,
+) -> Settings:
+    """The descriptor and index settings for a run on ``index_dir``.
+
+    Descriptor: the index's own unless ``preset`` or a descriptor option is given (then that
+    preset, default ``default``, with the options). Structure: ``factory`` / ``index_preset``
+    (plus ``backend``), else the index's own, else the default. ``device`` and ``workers``
+    only change how the run goes.
+
+    Raises:
+        IndexStateError: the index's settings are not understood; ConfigError: bad names.
+    """
+    manifest = existing_manifest(index_dir)
+    overrides: dict[str, object] = {
+        k: v
+        for k, v in (
+            ("model", model),
+            ("weights", weights),
+            ("image_size", image_size),
+            ("pooling", pooling),
+        )
+        if v is not None
+    }
+    if "weights" in overrides:
+        overrides["weights"] = str(Path(str(overrides["weights"])).expanduser().resolve())
+    if preset is None and not overrides and manifest is not None:
+        name, conf = FROM_INDEX, ExtractConf.from_descriptor(manifest.descriptor)
+        conf = conf.replace(
+            query_rotations=manifest.query.rotations,
+            rotation_penalty=manifest.query.rotation_penalty,
+        )
+    else:
+        name = preset or "default"
+        conf = get_preset(name).replace(**overrides) if overrides else get_preset(name)
+    runtime = {k: v for k, v in (("device", device), ("workers", workers)) if v is not None}
+    conf = conf.replace(**runtime) if runtime else conf
+    return Settings(name, conf, _index_conf(manifest, factory, index_preset, backend))
+
+
+def _index_conf(
+    manifest: Manifest | None, factory: str | None, preset: str | None, backend: str | None
+) -> IndexConf:
+    if factory is not None:
+        conf = IndexConf(factory=factory)
+    elif preset is not None:
+        conf = get_index_conf(preset)
+    elif manifest is not None:
+        conf = manifest.index
+    else:
+        conf = IndexConf()
+    if backend is not None and backend != conf.backend:
+        conf = IndexConf(conf.factory, conf.nprobe, conf.ef_search, backend)
+    return conf
+
+
+__all__ = ["FROM_INDEX", "Settings", "existing_manifest", "resolve_settings"]

@@ -1,0 +1,230 @@
+"""The DBA re-ranking stage, the per-index state that keeps one DBA current, and its sync.
+
+* :class:`DBAState` holds the augmented database of one index for one ``(k, alpha)``: the
+  stored ``dba.npz`` brought up to date, or, when there is none, one computed once and stored
+  when the index directory can be written (under the writer lock, if no other process holds
+  it; in memory otherwise, and the log says which). After that it follows the index's
+  changes by version (:meth:`DBAIndex.update`), never by recomputing per query.
+* :class:`DBARerank` is the stage: search the augmented database, optionally with a query
+  expanded over augmented vectors, fused with the ranking it is given.
+* :func:`sync_dba` is what a writer calls after changing the index (``lookalike index``,
+  ``remove``): a stored DBA is brought up to date and saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lookalike.errors import ConfigError, IndexStateError
+from lookalike.index.manifest import DBASettings
+from lookalike.query import QueryContext
+from lookalike.ranking import Ranking
+from lookalike.rerank.dba import DBA_NAME, DBAIndex, build_dba, check_params
+from lookalike.rerank.functional import max_fuse
+from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion, top_valid
+
+if TYPE_CHECKING:
+    from lookalike.index import IndexStore
+
+logger = logging.getLogger(__name__)
+
+EXPAND_FROM = ("first-stage", "dba")
+
+
+@dataclass(frozen=True)
+class DBAConf:
+    """DBA re-ranking settings; the defaults are the ``dba`` preset."""
+
+    k: int = 5  # neighbours averaged per database vector, the image itself included; 1 is off
+    alpha: float = 1.0  # neighbour weight = max(similarity, 0)^alpha; 0 = average DBA
+    qe: QEConf | None = None  # expand the query with augmented vectors of its top results
+    expand_from: str = "first-stage"  # QE neighbours: "first-stage" ranking, or "dba" search
+    keep_first_stage: bool = True  # score = max(new, first-stage score); False: new score only
+
+    def __post_init__(self) -> None:
+        check_params(self.k, self.alpha)
+        if self.expand_from not in EXPAND_FROM:
+            raise ConfigError(
+                f"DBA expand_from must be one of {', '.join(EXPAND_FROM)}, got {self.expand_from!r}"
+            )
+
+
+# Measured on Oxford5k (845) and Holidays with benchmarks/rerank.py --tune.
+# One augmented database (k=5, alpha=1) serves every preset, so switching presets never
+# recomputes the stored one; the QE parts are the QE presets of the same names.
+DBA_PRESETS: dict[str, DBAConf] = {
+    "dba": DBAConf(),  # augmented database, the upright query as it is
+    "dba+aqe": DBAConf(qe=QE_PRESETS["aqe"]),  # + average QE over augmented vectors
+    "dba+alpha-qe": DBAConf(qe=QE_PRESETS["alpha-qe"]),  # + alpha-QE over augmented vectors
+}
+
+
+def _load(store: IndexStore) -> DBAIndex | None:
+    """The stored DBA of ``store``, None when there is none or it is damaged (logged)."""
+    try:
+        return DBAIndex.load(store.path / DBA_NAME, store.vector_source())
+    except IndexStateError as error:
+        logger.warning("%s; computing it again", error)
+        return None
+
+
+class DBAState:
+    """The current augmented database of one index, for one ``(k, alpha)``.
+
+    Thread-safe; shared by every stage and searcher made from one
+    :class:`~lookalike.rerank.StageResources`.
+
+    Attributes:
+        computed: full computations this state ran (0 when it loaded a stored one).
+        stored: whether the state it computed was stored in ``dba.npz``.
+    """
+
+    def __init__(self, store: IndexStore, k: int = 5, alpha: float = 1.0) -> None:
+        check_params(k, alpha)
+        self.store = store
+        self.k, self.alpha = int(k), float(alpha)
+        self.computed = 0
+        self.stored = False
+        self._index: DBAIndex | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> DBAIndex:
+        """The DBA at the index's current version (loaded, computed or updated now)."""
+        with self._lock:
+            if self._index is None:
+                self._index = self._open()
+            elif not self._index.is_current():
+                self._index.update()
+            return self._index
+
+    def _open(self) -> DBAIndex:
+        stored = _load(self.store)
+        if stored is not None and (stored.k, stored.alpha) == (self.k, self.alpha):
+            recomputed = stored.update()
+            if recomputed:
+                logger.info("stored DBA of %s brought up to date in memory", self.store.path)
+            return stored
+        if stored is not None:
+            logger.info(
+                "stored DBA of %s has k=%d alpha=%g, not k=%d alpha=%g: computing this one",
+                self.store.path,
+                stored.k,
+                stored.alpha,
+                self.k,
+                self.alpha,
+            )
+        start = time.perf_counter()
+        index = build_dba(self.store.vector_source(), self.k, self.alpha)
+        self.computed += 1
+        seconds = time.perf_counter() - start
+        self.stored = self._persist(index)
+        where = "stored in dba.npz" if self.stored else "kept in memory"
+        reason = "" if self.stored else " (the index directory is read-only or being written)"
+        logger.info(
+            "computed the DBA of %s (%d images, %.1f s): %s%s",
+            self.store.path,
+            len(index),
+            seconds,
+            where,
+            reason,
+        )
+        return index
+
+    def _persist(self, index: DBAIndex) -> bool:
+        """Store ``index`` and record it in the manifest, if the writer lock is free."""
+        with self.store.try_writer() as ok:
+            if not ok:
+                return False
+            try:
+                index.save(self.store.path / DBA_NAME, unique=not self.store.writable)
+                self.store.update_manifest(dba=DBASettings(self.k, self.alpha))
+            except (OSError, IndexStateError) as error:
+                logger.debug("DBA of %s not stored: %s", self.store.path, error)
+                return False
+        return True
+
+
+class DBARerank:
+    """Re-ranking stage: search the augmented database (optionally with an expanded query).
+
+    Args:
+        state: the current DBA of the index searched (:class:`DBAState`).
+        conf: DBA settings, query expansion included; ``k`` and ``alpha`` must be the
+            state's.
+        name: the stage name reported in pipelines.
+    """
+
+    depth = 0  # reads the top n (query expansion) and fuses with what it is given
+
+    def __init__(self, state: DBAState, conf: DBAConf = DBAConf(), name: str = "dba") -> None:
+        if (state.k, state.alpha) != (conf.k, float(conf.alpha)):
+            raise ConfigError(f"DBA stage {name} needs k={conf.k} alpha={conf.alpha}")
+        self.state = state
+        self.conf = conf
+        self.name = name
+        self.expansion = None if conf.qe is None else QueryExpansion(None, conf.qe, name)
+
+    def __repr__(self) -> str:
+        return f"DBARerank({self.name!r}, {self.conf})"
+
+    def __call__(self, query: QueryContext, ranking: Ranking, k: int) -> Ranking:
+        """Re-rank one query (the :class:`lookalike.rerank.Stage` protocol): the ranking of
+        the augmented database, fused with the given one (``keep_first_stage``)."""
+        scores, ids = ranking.scores, ranking.ids
+        for _ in range(3):  # a commit between the update and the search: update again
+            index = self.state.current()
+            try:
+                q = self._query(index, query.descriptor, scores, ids)
+                out_s, out_i = index.search(q, k)
+            except IndexStateError:
+                continue
+            if self.conf.keep_first_stage:
+                return Ranking(*max_fuse(out_s, out_i, scores, ids, len(out_i)))
+            return Ranking(out_s, out_i)
+        raise IndexStateError(
+            f"index {self.state.store.path} kept changing during re-ranking; retry in a moment"
+        )
+
+    def _query(
+        self, index: DBAIndex, query: np.ndarray, scores: np.ndarray, ids: np.ndarray
+    ) -> np.ndarray:
+        if self.expansion is None:
+            return query
+        if self.conf.expand_from == "dba":
+            scores, ids = index.search(query, self.expansion.conf.n)
+        top_s, top_i = top_valid(scores, ids, len(ids))
+        known = index.contains(top_i)
+        top_s, top_i = top_s[known][: self.expansion.conf.n], top_i[known][: self.expansion.conf.n]
+        if len(top_i) == 0:
+            return query
+        return self.expansion.expand(query, index.augmented(top_i), top_s)
+
+
+def sync_dba(store: IndexStore) -> DBAIndex | None:
+    """Bring the DBA kept by a writable index up to date after changing the index.
+
+    A stored ``dba.npz`` is updated and saved, and recorded in the manifest if it was not
+    (an index of format 1, or one a searcher stored); a DBA the manifest records whose file
+    is gone is computed again. Returns None when the index keeps no DBA.
+    """
+    current = _load(store)
+    recorded = store.manifest.dba
+    changed = current is None
+    if current is None:
+        if recorded is None:
+            return None
+        current = build_dba(store.vector_source(), recorded.k, recorded.alpha)
+    before = (current.seq, current.epoch)
+    current.update()
+    if changed or (current.seq, current.epoch) != before:
+        current.save(store.path / DBA_NAME)
+    settings = DBASettings(current.k, current.alpha)
+    if recorded != settings:
+        store.update_manifest(dba=settings)
+    return current
