@@ -36,7 +36,6 @@ def homography_corner_error(h_est: np.ndarray, h_true: np.ndarray, size: tuple[i
     return err if math.isfinite(err) else math.inf
 
 
-
 def brute_force_matches(d0: np.ndarray, d1: np.ndarray, ratio: float, metric: str) -> set:
     """Mutual NN + Lowe ratio test, one pair at a time, as written in textbooks."""
 

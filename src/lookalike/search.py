@@ -307,7 +307,15 @@ class Searcher:
         """:meth:`search` joined to the records: what ``lookalike search`` prints."""
         items = [Query.of(q) for q in queries]
         hits = self.results(self.search(items, k, rotations, progress))
-        return [Answer(q.label, h) for q, h in zip(items, hits, strict=True)]
+        return [Answer(self._label(q), h) for q, h in zip(items, hits, strict=True)]
+
+    def _label(self, query: Query) -> str:
+        """How an answer names its query: an indexed image by its path."""
+        if query.id is not None and query.name is None:
+            (record,) = self.store.get([query.id])
+            if record is not None:
+                return record.path
+        return query.label
 
 
 def _device(verify: VerifyConf | dict | None, device: str) -> VerifyConf | dict | None:

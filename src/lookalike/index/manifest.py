@@ -85,7 +85,7 @@ def normalise_descriptor(descriptor: dict) -> dict:
 class ModelIdentity:
     """Which backbone, with which weights, made the vectors."""
 
-    name: str  # MODELS key or timm name (the descriptor's ``model``)
+    name: str | None  # MODELS key or timm name (the descriptor's ``model``)
     weights: str | None = None  # local checkpoint path; None: packaged or hub weights
     weights_hash: str | None = None  # content hash of the weight tensors
     #   (Backbone.weights_id); None: not recorded yet (a format 1 index), recorded on first use
@@ -179,7 +179,7 @@ def new_manifest(
     """The manifest of a freshly created, empty index."""
     descriptor = normalise_descriptor(descriptor)
     stamp = now_iso()
-    model = ModelIdentity(str(descriptor.get("model", "")), descriptor.get("weights"), weights_hash)
+    model = ModelIdentity(descriptor.get("model"), descriptor.get("weights"), weights_hash)
     return Manifest(descriptor, int(dim), model, conf, query, created=stamp, updated=stamp)
 
 
@@ -275,8 +275,7 @@ def _section(data: dict, key: str) -> dict:
 def _parse(data: dict, version: int) -> Manifest:
     """A :class:`Manifest` from its JSON, every field checked."""
     descriptor = _section(data, "descriptor")
-    if not isinstance(descriptor.get("model"), str):
-        raise ValueError("descriptor.model must be a model name")
+    _opt_str(descriptor.get("model"), "descriptor.model")
     dim = _int(data["dim"], "dim", low=1)
     index = IndexConf.from_dict(_section(data, "index"))
     w = data.get("whitening") or {}
@@ -293,16 +292,16 @@ def _parse(data: dict, version: int) -> Manifest:
     )
     if checkpoint.file is not None and ("/" in checkpoint.file or checkpoint.file in ("", "..")):
         raise ValueError(f"checkpoint.file must be a file name, got {checkpoint.file!r}")
-    model = ModelIdentity(descriptor["model"], _opt_str(descriptor.get("weights"), "weights"))
+    model = ModelIdentity(descriptor.get("model"), _opt_str(descriptor.get("weights"), "weights"))
     query, local, dba = QueryDefaults(), None, None
     if version >= 2:
         m = _section(data, "model")
         model = ModelIdentity(
-            str(m["name"]),
+            _opt_str(m.get("name"), "model.name"),
             _opt_str(m.get("weights"), "model.weights"),
             _opt_str(m.get("weights_hash"), "model.weights_hash"),
         )
-        if (model.name, model.weights) != (descriptor["model"], descriptor.get("weights")):
+        if (model.name, model.weights) != (descriptor.get("model"), descriptor.get("weights")):
             raise ValueError("model disagrees with the descriptor's model and weights")
         query = _query(_section(data, "query"))
         local = _local(data.get("local"))

@@ -46,7 +46,7 @@ def remove_images(
         ConfigError: neither or both of ``ids`` and ``paths`` given.
     """
     if bool(ids) == bool(paths):
-        raise ConfigError("give either ids or image paths to remove (not both)")
+        raise ConfigError("give either ids (--id IDS) or image PATHS to remove, not both")
     with IndexStore.open(index_dir, writable=True) as store:
         if ids:
             asked, removed = len(set(ids)), store.remove(ids)
