@@ -1,6 +1,7 @@
 """IndexStore durability: replay, refresh, crash safety (SIGKILL), locking, compaction.
 
-Real SQLite, vector and faiss files in ``tmp_path``; writers that crash or compete run in
+Real SQLite, vector and backend files in ``tmp_path``, on an exact configuration of every
+registered backend where the backend matters; writers that crash or compete run in
 subprocesses, since ``flock`` belongs to an open file description.
 """
 
@@ -14,29 +15,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from index_helpers import DESCRIPTOR, D, images, run_python, unit
+from index_helpers import BACKEND_CONFS, DESCRIPTOR, D, fill, images, run_python, unit
 
 from lookalike.errors import IndexLockedError, IndexStateError
-from lookalike.index import IndexConf, IndexStore
+from lookalike.index import IndexConf, IndexStore, NewImage
 
 # -- readers: replay and refresh ---------------------------------------------------------
 
 
-def test_reader_replays_ops_without_checkpoint(root: Path) -> None:
+@pytest.mark.parametrize("conf", BACKEND_CONFS)
+def test_reader_replays_ops_without_checkpoint(root: Path, conf: IndexConf) -> None:
     x = unit(100)
-    store = IndexStore.create(root, DESCRIPTOR, D)
+    store = IndexStore.create(root, DESCRIPTOR, D, conf)
     ids = store.add(images(100), x)
     store.remove(ids[:10])
-    assert store.manifest["checkpoint"]["file"] is None
+    y = unit(3, seed=4)
+    assert store.add([NewImage(f"/img/{i}.jpg") for i in (10, 11, 12)], y) == ids[10:13]
+    assert store.manifest.checkpoint.file is None
+    expected = store.search(x, 3)
     with IndexStore.open(root) as reader:  # while the writer still holds the lock
+        assert reader.manifest.checkpoint.file is None
         _, found = reader.search(x, 1)
-        np.testing.assert_array_equal(found[10:, 0], ids[10:])
+        np.testing.assert_array_equal(found[13:, 0], ids[13:])
+        np.testing.assert_array_equal(reader.search(y, 1)[1][:, 0], ids[10:13])
         assert not np.isin(found[:10], ids[:10]).any() and len(reader) == 90
+        np.testing.assert_array_equal(reader.search(x, 3)[1], expected[1])
+        assert reader.stats()["live"] == 90
     store.close()
 
 
-def test_reader_sees_new_commits_after_refresh(filled) -> None:
-    root, x, ids = filled
+@pytest.mark.parametrize("conf", BACKEND_CONFS)
+def test_reader_sees_new_commits_after_refresh(root: Path, conf: IndexConf) -> None:
+    x, ids = fill(root, conf)
     reader = IndexStore.open(root)
     assert reader.search(x[:1], 1)[1][0, 0] == ids[0]
     y = unit(5, seed=3)
@@ -51,24 +61,30 @@ def test_reader_sees_new_commits_after_refresh(filled) -> None:
     reader.close()
 
 
-def test_checkpoint_plus_replay_equals_writer(filled) -> None:
-    root, x, ids = filled
+@pytest.mark.parametrize("conf", BACKEND_CONFS)
+def test_checkpoint_plus_replay_equals_writer(root: Path, conf: IndexConf) -> None:
+    x, ids = fill(root, conf)
     with IndexStore.open(root, writable=True) as writer:
-        first = writer.manifest["checkpoint"]["file"]
+        first = writer.manifest.checkpoint.file
+        assert first == f"{conf.backend}-200.index" and writer.manifest.checkpoint.seq == 200
         writer.add(images(30, prefix="/more"), unit(30, seed=9))
         writer.remove(ids[50:80])
+        writer.add(images(5), unit(5, seed=10))  # updates
         expected = writer.search(x, 5)
         with IndexStore.open(root) as reader:  # checkpoint + replay of the ops after it
-            assert reader.manifest["checkpoint"]["file"] == first
+            assert reader.manifest.checkpoint.file == first
             np.testing.assert_array_equal(reader.search(x, 5)[1], expected[1])
+            np.testing.assert_allclose(reader.search(x, 5)[0], expected[0], atol=1e-6)
         writer.checkpoint()
-        assert writer.manifest["checkpoint"]["file"] != first
+        name = writer.manifest.checkpoint.file
+        assert name != first and writer.manifest.checkpoint.seq == int(name.split("-")[1][:-6])
         assert not (root / first).exists()
-        assert sorted(p.name for p in root.glob("faiss-*")) == [
-            writer.manifest["checkpoint"]["file"]
-        ]
+        assert sorted(p.name for p in root.glob(f"{conf.backend}-*")) == [name]
+        writer.checkpoint()  # nothing new: the same file, not rewritten
+        assert writer.manifest.checkpoint.file == name
     with IndexStore.open(root) as reader:
         np.testing.assert_array_equal(reader.search(x, 5)[1], expected[1])
+        assert reader.stats()["live"] == len(reader) == 200 + 30 - 30
 
 
 # -- crash safety ------------------------------------------------------------------------
@@ -97,24 +113,47 @@ def test_leftover_tmp_files_are_ignored_then_cleaned(filled) -> None:
     (root / "manifest.json.tmp").write_text('{"format": "lookalike-ind')
     (root / "faiss-999.index.tmp").write_bytes(b"\x00" * 100)
     (root / "faiss-3.index").write_bytes(b"stale checkpoint nobody names")
+    (root / "numpy-4.index").write_bytes(b"stale checkpoint of another backend")
+    (root / "vectors.7.f32").write_bytes(b"\x00" * 64)  # an interrupted compaction's file
+    (root / "notes.txt").write_text("the user's")
     with IndexStore.open(root) as reader:
         np.testing.assert_array_equal(reader.search(x, 1)[1][:, 0], ids)
-    with IndexStore.open(root, writable=True):
-        pass
+    assert (root / "faiss-3.index").exists()  # a reader deletes nothing
+    with IndexStore.open(root, writable=True) as writer:
+        np.testing.assert_array_equal(writer.search(x, 1)[1][:, 0], ids)
     assert not list(root.glob("*.tmp")) and not (root / "faiss-3.index").exists()
+    assert not (root / "numpy-4.index").exists() and not (root / "vectors.7.f32").exists()
+    assert (root / "notes.txt").exists() and (root / "faiss-200.index").exists()
 
 
-def test_unreadable_or_missing_checkpoint_is_rebuilt(filled) -> None:
-    root, x, ids = filled
+@pytest.mark.parametrize("conf", BACKEND_CONFS)
+def test_unreadable_or_missing_checkpoint_is_rebuilt(root: Path, conf: IndexConf) -> None:
+    x, ids = fill(root, conf)
     name = json.loads((root / "manifest.json").read_text())["checkpoint"]["file"]
-    (root / name).write_bytes(b"garbage, not a faiss index")
+    (root / name).write_bytes(b"garbage, not a checkpoint")
     with IndexStore.open(root) as reader:
         np.testing.assert_array_equal(reader.search(x, 1)[1][:, 0], ids)
     (root / name).unlink()
     with IndexStore.open(root, writable=True) as writer:
         np.testing.assert_array_equal(writer.search(x, 1)[1][:, 0], ids)
         writer.checkpoint()  # repairs it
-        assert (root / writer.manifest["checkpoint"]["file"]).exists()
+        assert (root / writer.manifest.checkpoint.file).exists()
+    with IndexStore.open(root) as reader:
+        np.testing.assert_array_equal(reader.search(x, 1)[1][:, 0], ids)
+
+
+def test_missing_vector_file_is_reported_as_damage(filled) -> None:
+    root = filled[0]
+    (root / "faiss-200.index").unlink()  # so that loading needs the vectors
+    (root / "vectors.f32").unlink()
+    with pytest.raises(IndexStateError, match=r"vectors\.f32 is missing.*damaged, rebuild"):
+        IndexStore.open(root)
+    with IndexStore.open(root, writable=True) as writer:
+        with pytest.raises(IndexStateError, match=r"vectors\.f32 is missing"):
+            writer.vectors([1])
+        with pytest.raises(IndexStateError, match=r"holds 0 bytes.*references"):
+            writer.add(images(1, prefix="/new"), unit(1))
+    assert not (root / "vectors.f32").exists()  # the refused append created nothing
 
 
 CHILD_WRITER = """
@@ -233,20 +272,25 @@ def test_read_only_store_refuses_writes(filled) -> None:
 # -- compaction --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
-def test_compact_drops_dead_rows_and_tombstones(root: Path, factory: str) -> None:
+COMPACT_CONFS = [*BACKEND_CONFS, pytest.param(IndexConf(factory="HNSW32"), id="faiss-HNSW32")]
+
+
+@pytest.mark.parametrize("conf", COMPACT_CONFS)
+def test_compact_drops_dead_rows_and_tombstones(root: Path, conf: IndexConf) -> None:
     x, y = unit(100), unit(10, seed=21)
-    store = IndexStore.create(root, DESCRIPTOR, D, IndexConf(factory=factory))
+    store = IndexStore.create(root, DESCRIPTOR, D, conf)
     ids = store.add(images(100), x)
     store.add(images(10), y)  # updates: 10 dead rows
     store.remove(ids[50:60])
     early_reader = IndexStore.open(root)
     expected = store.search(x[60:], 3)
+    assert store.stats()["dead"] == (20 if conf.factory == "HNSW32" else 0)
     store.compact()
     assert (root / "vectors.f32").exists() is False
     assert len(list(root.glob("vectors.*.f32"))) == 1
     assert next(root.glob("vectors.*.f32")).stat().st_size == 90 * D * 4
-    assert store._view.backend.n_dead == 0
+    assert store.stats()["dead"] == 0 and store.stats()["live"] == 90
+    assert store.manifest.checkpoint.seq == 130  # 100 adds, 10 updates (2 ops), 10 removals
     np.testing.assert_array_equal(store.search(x[60:], 3)[1], expected[1])
     np.testing.assert_array_equal(store.vectors(ids[:10]), y)
     np.testing.assert_array_equal(store.vectors(ids[60:]), x[60:])
@@ -260,3 +304,34 @@ def test_compact_drops_dead_rows_and_tombstones(root: Path, factory: str) -> Non
     early_reader.close()
     with IndexStore.open(root) as reader:
         np.testing.assert_array_equal(reader.search(unit(5, seed=22), 1)[1][:, 0], more)
+        np.testing.assert_array_equal(reader.vector_source().live().ids, sorted(reader_ids(reader)))
+    with IndexStore.open(root, writable=True) as writer:
+        writer.compact()  # no dead rows: the vector file stays
+        assert len(list(root.glob("vectors.*.f32"))) == 1
+
+
+def reader_ids(store: IndexStore) -> list[int]:
+    return [r.id for r in store.records("ok")]
+
+
+def test_failed_compaction_keeps_the_old_state(filled, monkeypatch) -> None:
+    from lookalike.index.metadata import MetaDB
+
+    root, x, ids = filled
+    with IndexStore.open(root, writable=True) as writer:
+        writer.remove(ids[:20])
+        expected = writer.search(x, 3)
+
+        def fail(self, through_seq: int) -> None:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(MetaDB, "prune_ops", fail)
+        with pytest.raises(OSError, match="disk full"):
+            writer.compact()
+        monkeypatch.undo()
+        assert sorted(p.name for p in root.glob("vectors*")) == ["vectors.f32"]  # target gone
+        np.testing.assert_array_equal(writer.search(x, 3)[1], expected[1])
+        np.testing.assert_array_equal(writer.vectors(ids[20:25]), x[20:25])
+    with IndexStore.open(root) as reader:
+        assert len(reader) == 180
+        np.testing.assert_array_equal(reader.search(x, 3)[1], expected[1])

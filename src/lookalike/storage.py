@@ -120,6 +120,8 @@ def write_at(path: Path, data: bytes | memoryview, offset: int, damaged: str) ->
     try:
         size = os.fstat(fd).st_size
         if size < offset:
+            if created:  # leave no empty file behind that would read as "truncated"
+                path.unlink(missing_ok=True)
             raise IndexStateError(
                 f"{path} holds {size} bytes but its database references {offset}; {damaged}"
             )
@@ -161,16 +163,18 @@ def switch_data_file(
     their new offsets) and names ``target`` under ``kv[key]``; then the old file is deleted.
 
     Returns the old file's path (deleted), or None when it was already ``target``. A failed
-    transaction deletes ``target`` and leaves the old state.
+    transaction deletes ``target`` (unless it is the file in use) and leaves the old state.
     """
     root = target.parent
+    old: str | None = None
     try:
         with db.write() as conn:
             old = db.kv_get(key)
             update(conn)
             db.kv_set(key, target.name)
     except BaseException:
-        target.unlink(missing_ok=True)
+        if old != target.name:
+            target.unlink(missing_ok=True)
         raise
     if old is None or old == target.name:
         return None

@@ -32,7 +32,7 @@ from lookalike.index.backends import (
     load_backend,
 )
 from lookalike.index.conf import IndexConf
-from lookalike.index.manifest import CheckpointRef, read_manifest
+from lookalike.index.manifest import REBUILD, CheckpointRef, read_manifest
 from lookalike.index.metadata import MetaDB
 from lookalike.index.vectors import DEFAULT_NAME, VectorFile
 
@@ -84,6 +84,8 @@ def load_whitening(root: Path) -> Whitening | None:
 
     try:
         return Whitening.load(path)
+    except FileNotFoundError:  # removed meanwhile; the manifest's epoch tells the loader
+        return None
     except (OSError, ValueError, KeyError, EOFError) as error:
         raise IndexStateError(
             f"{path} is unreadable ({error}); the index is damaged, rebuild it into a new "
@@ -125,11 +127,28 @@ class Loader:
             try:
                 return self._load_once(allow_rebuild=attempt >= REBUILD_AFTER)
             except (_Retry, FileNotFoundError) as why:
+                if isinstance(why, FileNotFoundError):
+                    self.check_vector_file()
                 logger.debug("index %s changed while loading (%s); retrying", self.root, why)
                 time.sleep(0.05 * (attempt + 1))
         raise IndexStateError(
             f"index {self.root} kept changing while it was being loaded; retry in a moment"
         )
+
+    def check_vector_file(self) -> None:
+        """After a read found no vector file: ``IndexStateError`` if the current one is
+        missing (damaged); else a compaction replaced it meanwhile (the caller retries).
+
+        A compaction writes its new file before the commit that names it, so a committed
+        name without its file is never a race.
+        """
+        with self.db.snapshot():
+            vectors, n_rows = self.vector_file()
+        if n_rows and not vectors.path.exists():
+            raise IndexStateError(
+                f"{vectors.path} is missing but meta.sqlite references {n_rows} rows of it; "
+                f"the index is damaged, {REBUILD}"
+            )
 
     def _load_once(self, allow_rebuild: bool) -> View:
         manifest = read_manifest(self.root)
@@ -141,7 +160,7 @@ class Loader:
         with self.db.snapshot():
             pruned = self.db.kv_int("ops_pruned_through")
             if backend is not None and pruned > checkpoint_seq:
-                if not allow_rebuild:
+                if not allow_rebuild and checkpoint.file is not None:  # none: nothing to wait for
                     raise _Retry(f"ops up to {pruned} pruned, checkpoint at {checkpoint_seq}")
                 backend = None
             from_checkpoint = backend is not None and checkpoint.file is not None

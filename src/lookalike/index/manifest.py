@@ -12,16 +12,17 @@ when the index is opened:
 * ``index``: the vector backend and its structure (:class:`~lookalike.index.conf.IndexConf`);
 * ``local``: the local features the index keeps in step (``index --local``), or null;
 * ``dba``: the database-side augmentation kept in ``dba.npz``, or null;
-* and the state readers start from: the whitening (``whitening.epoch`` grows by one
-  whenever it changes; a reader compares it before and after loading) and the backend
-  checkpoint covering the change log up to ``checkpoint.seq``.
+* and the state readers start from: the whitening (``whitening.epoch`` grows whenever it
+  changes, once before and once after ``whitening.npz`` is replaced, so that no reader labels
+  one whitening with the epoch of another; a reader compares it before and after loading) and
+  the backend checkpoint covering the change log up to ``checkpoint.seq``.
 
 It is written last when an index is created, so a directory without a manifest is not an
 index, and it is always replaced atomically (:func:`lookalike.storage.atomic_write`).
 
 Format 1 kept the query defaults and the local-feature settings in ``meta.sqlite`` and knew
-no weights hash; :func:`upgrade_v1` turns it into format 2 (in memory for a reader, on disk
-for a writer, see :meth:`lookalike.index.IndexStore.open`).
+no weights hash; :mod:`lookalike.index.upgrade` turns it into format 2 (in memory for a
+reader, on disk for a writer, see :meth:`lookalike.index.IndexStore.open`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import logging
 import math
 import platform
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,7 +107,8 @@ class WhiteningState:
 
     learned: bool = False
     dim_out: int | None = None  # its output dimension, the index space
-    epoch: int = 0  # + 1 at every change; readers compare it before and after loading
+    epoch: int = 0  # grows at every change (by 2: before and after the file is replaced);
+    #   readers compare it before and after loading
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,11 @@ def new_manifest(
 ) -> Manifest:
     """The manifest of a freshly created, empty index."""
     descriptor = normalise_descriptor(descriptor)
+    for key in ("model", "weights"):
+        if not isinstance(descriptor.get(key), str | None):
+            raise ConfigError(
+                f"descriptor {key} must be a string or absent, got {descriptor[key]!r}"
+            )
     stamp = now_iso()
     model = ModelIdentity(descriptor.get("model"), descriptor.get("weights"), weights_hash)
     return Manifest(descriptor, int(dim), model, conf, query, created=stamp, updated=stamp)
@@ -202,7 +210,7 @@ def read_manifest(root: Path) -> Manifest:
     """Load and validate ``root/manifest.json``.
 
     A format 1 manifest reads with default query settings, no local features and no DBA:
-    :func:`upgrade_v1` completes it from the places format 1 kept them.
+    :func:`lookalike.index.upgrade.upgrade_v1` completes it from where format 1 kept them.
 
     Raises:
         IndexStateError: ``root`` is missing, a file, not an index, damaged or too new.
@@ -259,40 +267,51 @@ def _number(value: object, what: str) -> float:
     return float(value)
 
 
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 def _opt_str(value: object, what: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{what} must be a string or null, got {value!r}")
     return value
 
 
-def _section(data: dict, key: str) -> dict:
+def _section(data: dict, key: str, prefix: str = "") -> dict:
+    """``data[key]``, which must be an object (``KeyError`` naming ``prefix + key``)."""
+    if key not in data:
+        raise KeyError(prefix + key)
     value = data[key]
     if not isinstance(value, dict):
-        raise ValueError(f"{key} must be an object, got {type(value).__name__}")
+        raise ValueError(f"{prefix}{key} must be an object, got {type(value).__name__}")
     return value
+
+
+def _required(data: dict, key: str, prefix: str) -> object:
+    if key not in data:
+        raise KeyError(prefix + key)
+    return data[key]
+
+
+# What writer.checkpoint_name() writes: <backend>-<seq>.index (never a path).
+_CHECKPOINT_FILE = re.compile(r"[a-z0-9_]+-[0-9]+\.index")
 
 
 def _parse(data: dict, version: int) -> Manifest:
     """A :class:`Manifest` from its JSON, every field checked."""
     descriptor = _section(data, "descriptor")
-    _opt_str(descriptor.get("model"), "descriptor.model")
-    dim = _int(data["dim"], "dim", low=1)
+    name = _opt_str(descriptor.get("model"), "descriptor.model")
+    weights = _opt_str(descriptor.get("weights"), "descriptor.weights")
+    dim = _int(_required(data, "dim", ""), "dim", low=1)
+    whitening = _whitening(data.get("whitening", {}))
     index = IndexConf.from_dict(_section(data, "index"))
-    w = data.get("whitening") or {}
-    whitening = WhiteningState(
-        bool(w.get("learned", False)),
-        None if w.get("dim_out") is None else _int(w["dim_out"], "whitening.dim_out", 1),
-        _int(w.get("epoch", 0), "whitening.epoch"),
-    )
-    c = _section(data, "checkpoint")
-    checkpoint = CheckpointRef(
-        _opt_str(c.get("file"), "checkpoint.file"),
-        _int(c.get("seq", 0), "checkpoint.seq"),
-        bool(c.get("fallback", False)),
-    )
-    if checkpoint.file is not None and ("/" in checkpoint.file or checkpoint.file in ("", "..")):
-        raise ValueError(f"checkpoint.file must be a file name, got {checkpoint.file!r}")
-    model = ModelIdentity(descriptor.get("model"), _opt_str(descriptor.get("weights"), "weights"))
+    from lookalike.index.backends import validate_conf  # imports faiss: after the cheap checks
+
+    validate_conf(index, whitening.dim_out if whitening.dim_out is not None else dim)
+    checkpoint = _checkpoint(_section(data, "checkpoint"))
+    model = ModelIdentity(name, weights)
     query, local, dba = QueryDefaults(), None, None
     if version >= 2:
         m = _section(data, "model")
@@ -301,13 +320,19 @@ def _parse(data: dict, version: int) -> Manifest:
             _opt_str(m.get("weights"), "model.weights"),
             _opt_str(m.get("weights_hash"), "model.weights_hash"),
         )
-        if (model.name, model.weights) != (descriptor.get("model"), descriptor.get("weights")):
+        if (model.name, model.weights) != (name, weights):
             raise ValueError("model disagrees with the descriptor's model and weights")
-        query = _query(_section(data, "query"))
-        local = _local(data.get("local"))
+        query = parse_query(_section(data, "query"))
+        local = parse_local(data.get("local"))
         if data.get("dba") is not None:
             d = _section(data, "dba")
-            dba = DBASettings(_int(d["k"], "dba.k", 1), _number(d["alpha"], "dba.alpha"))
+            dba = DBASettings(
+                _int(_required(d, "k", "dba."), "dba.k", 1),
+                _number(_required(d, "alpha", "dba."), "dba.alpha"),
+            )
+    versions = data.get("versions", {})
+    if not isinstance(versions, dict):
+        raise ValueError(f"versions must be an object, got {type(versions).__name__}")
     return Manifest(
         descriptor=descriptor,
         dim=dim,
@@ -318,14 +343,40 @@ def _parse(data: dict, version: int) -> Manifest:
         checkpoint=checkpoint,
         local=local,
         dba=dba,
-        created=str(data.get("created", "")),
-        updated=str(data.get("updated", "")),
-        versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
+        created=_opt_str(data.get("created", ""), "created") or "",
+        updated=_opt_str(data.get("updated", ""), "updated") or "",
+        versions={str(k): str(v) for k, v in versions.items()},
         format_version=version,
     )
 
 
-def _query(q: dict) -> QueryDefaults:
+def _whitening(w: object) -> WhiteningState:
+    if not isinstance(w, dict):
+        raise ValueError(f"whitening must be an object, got {type(w).__name__}")
+    dim_out = w.get("dim_out")
+    return WhiteningState(
+        _bool(w.get("learned", False), "whitening.learned"),
+        None if dim_out is None else _int(dim_out, "whitening.dim_out", 1),
+        _int(w.get("epoch", 0), "whitening.epoch"),
+    )
+
+
+def _checkpoint(c: dict) -> CheckpointRef:
+    checkpoint = CheckpointRef(
+        _opt_str(c.get("file"), "checkpoint.file"),
+        _int(c.get("seq", 0), "checkpoint.seq"),
+        _bool(c.get("fallback", False), "checkpoint.fallback"),
+    )
+    if checkpoint.file is not None and not _CHECKPOINT_FILE.fullmatch(checkpoint.file):
+        raise ValueError(
+            f"checkpoint.file must be a checkpoint file name like 'faiss-12.index', got "
+            f"{checkpoint.file!r}"
+        )
+    return checkpoint
+
+
+def parse_query(q: dict) -> QueryDefaults:
+    """The ``query`` section (``ValueError`` saying which value is wrong)."""
     rotations = q.get("rotations", [0])
     if not isinstance(rotations, list) or not rotations:
         raise ValueError(f"query.rotations must be a list of angles, got {rotations!r}")
@@ -335,7 +386,8 @@ def _query(q: dict) -> QueryDefaults:
     return QueryDefaults(angles, _number(q.get("rotation_penalty", 0.0), "query.rotation_penalty"))
 
 
-def _local(value: object) -> VerifyConf | None:
+def parse_local(value: object) -> VerifyConf | None:
+    """The ``local`` section: a :class:`VerifyConf`, or None."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -343,38 +395,6 @@ def _local(value: object) -> VerifyConf | None:
     from lookalike.local.conf import VerifyConf  # OpenCV: only for indexes that have them
 
     return VerifyConf.from_dict(value)
-
-
-def upgrade_v1(manifest: Manifest, settings: dict) -> Manifest:
-    """A format 1 manifest completed from where format 1 kept the rest.
-
-    The weights hash stays unknown (recorded by the next writer that loads the model) and
-    so does a stored DBA's entry (recorded by the next writer that brings ``dba.npz`` up to
-    date).
-
-    Args:
-        manifest: as :func:`read_manifest` read it (``format_version == 1``).
-        settings: the JSON of ``meta.sqlite``'s ``kv.settings`` (query defaults,
-            ``local``), ``{}`` when absent.
-
-    Raises:
-        IndexStateError: the settings cannot be understood (with how to rebuild).
-    """
-    if manifest.format_version != 1:
-        return manifest
-    try:
-        query = _query(
-            {
-                "rotations": list(settings.get("query_rotations", [0])),
-                "rotation_penalty": settings.get("rotation_penalty", 0.0),
-            }
-        )
-        local = _local(settings.get("local"))
-    except (TypeError, ValueError) as error:
-        raise IndexStateError(
-            f"the settings of this format 1 index cannot be upgraded ({error}); {REBUILD}"
-        ) from None
-    return manifest.replace(query=query, local=local, format_version=1)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, object]:

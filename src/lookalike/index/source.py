@@ -142,6 +142,7 @@ class IndexVectors:
                         raw = vectors.read(slots, n_rows)
                     break
                 except FileNotFoundError:  # compacted under us: the new file is named now
+                    store._loader.check_vector_file()
                     time.sleep(0.05 * (attempt + 1))
             else:
                 raise IndexStateError(

@@ -17,8 +17,10 @@ they read SQLite in snapshots and replay the ops since the checkpoint (see ``loa
 
 The store composes its parts rather than being them: :class:`~lookalike.index.metadata.MetaDB`
 (SQLite), :class:`~lookalike.index.vectors.VectorFile` (raw vectors), the loader's view
-(the vector backend and the whitening), the manifest; the writing half is
-:class:`~lookalike.index.writer.WriterMixin`, and re-ranking reads vectors through the
+(the vector backend and the whitening), the manifest; the record-reading and
+writing halves are :class:`~lookalike.index.records.RecordsMixin` and
+:class:`~lookalike.index.writer.WriterMixin`, keeping a reader current is
+:class:`~lookalike.index.freshness.FreshnessMixin`, and re-ranking reads vectors through the
 narrow :class:`~lookalike.index.source.IndexVectors` (:meth:`IndexStore.vector_source`).
 
 A re-added path is an update: the id is kept, the old vector is removed from the vector set
@@ -27,19 +29,17 @@ and the new one added, and every stored field, user metadata included, is replac
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lookalike.errors import ConfigError, IndexLockedError, IndexStateError
+from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.backends import validate_conf
-from lookalike.index.conf import ImageRecord, IndexConf
+from lookalike.index.conf import IndexConf
+from lookalike.index.freshness import LOCK_NAME, FreshnessMixin, writer_lock
 from lookalike.index.loader import Loader, View, load_whitening, prepare
 from lookalike.index.manifest import (
     MANIFEST_NAME,
@@ -49,11 +49,12 @@ from lookalike.index.manifest import (
     new_manifest,
     normalise_descriptor,
     read_manifest,
-    upgrade_v1,
     weights_mismatch,
     write_manifest,
 )
-from lookalike.index.metadata import DB_NAME, PAGE, MetaDB
+from lookalike.index.metadata import DB_NAME, MetaDB
+from lookalike.index.records import RecordsMixin
+from lookalike.index.upgrade import finish_upgrade, read_complete
 from lookalike.index.vectors import DEFAULT_NAME, check_vectors
 from lookalike.index.writer import WriterMixin
 from lookalike.storage import WriterLock
@@ -64,8 +65,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "lock"
-V1_SETTINGS_KEY = "settings"  # format 1 kept query defaults and local settings in meta.sqlite
 # What an interrupted create() leaves behind; a directory holding only these is reusable.
 _CREATION_LEFTOVERS = {
     LOCK_NAME,
@@ -78,7 +77,7 @@ _CREATION_LEFTOVERS = {
 }
 
 
-class IndexStore(WriterMixin):
+class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
     """An index directory opened for reading, or for writing by this process alone.
 
     Use :meth:`create` or :meth:`open`, not the constructor. Thread-safe: one lock
@@ -163,7 +162,7 @@ class IndexStore(WriterMixin):
                 )
         validate_conf(conf, int(dim))
         root.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(root / LOCK_NAME, root)
+        lock = writer_lock(root)
         lock.acquire()
         try:
             if (root / MANIFEST_NAME).exists():  # another process created it meanwhile
@@ -199,14 +198,14 @@ class IndexStore(WriterMixin):
         read_manifest(root)  # a clear error before creating a lock file in a random dir
         lock = None
         if writable:
-            lock = WriterLock(root / LOCK_NAME, root)
+            lock = writer_lock(root)
             lock.acquire()
         db = None
         try:
             db = MetaDB(root / DB_NAME)
-            store = cls(root, _read_complete(root, db), db, lock)
+            store = cls(root, read_complete(root, db), db, lock)
             if writable:
-                store._upgrade()
+                store._manifest = finish_upgrade(root, db, store._manifest)
                 store._recover()
             else:
                 store._view = store._loader.load()
@@ -217,16 +216,6 @@ class IndexStore(WriterMixin):
                 lock.release()
             raise
         return store
-
-    def _upgrade(self) -> None:
-        """Write a format 1 index's manifest as format 2 (atomically), then drop its old
-        settings entry; a crash in between leaves an entry that format 2 ignores."""
-        if self._manifest.format_version >= 2:
-            return
-        self._manifest = write_manifest(self.path, self._manifest)
-        with self._db.write():
-            self._db.kv_delete(V1_SETTINGS_KEY)
-        logger.info("upgraded index %s to format %d", self.path, self._manifest.format_version)
 
     def close(self) -> None:
         """Release the writer lock and the database; the store is unusable afterwards."""
@@ -329,7 +318,7 @@ class IndexStore(WriterMixin):
             if self._view is not None:
                 self._view.backend.set_search_params(conf)
             if self.writable:
-                self._manifest = write_manifest(self.path, self._manifest)
+                self.update_manifest()
 
     def stats(self) -> dict[str, Any]:
         """The vector backend's state: ``{"backend", "structure", "live", "dead", "trained",
@@ -363,68 +352,6 @@ class IndexStore(WriterMixin):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        """Number of searchable (``'ok'``) images committed."""
-        with self._mutex:
-            self._check_open()
-            return self._db.count_ok()
-
-    def count(self) -> dict[str, int]:
-        """``{"ok": n, "error": m}`` images committed."""
-        with self._mutex:
-            self._check_open()
-            return self._db.counts()
-
-    def get(self, ids: Sequence[int]) -> list[ImageRecord | None]:
-        """The records of ``ids``, None for unknown ids, in input order."""
-        wanted = [int(i) for i in ids]
-        with self._mutex:
-            self._check_open()
-            with self._db.snapshot():
-                found = self._db.get(sorted(set(wanted)))
-        return [found.get(i) for i in wanted]
-
-    def find_path(self, path: str) -> ImageRecord | None:
-        """The record stored under exactly ``path``, or None."""
-        with self._mutex:
-            self._check_open()
-            return self._db.find_path(str(path))
-
-    def records(self, status: str | None = None) -> Iterator[ImageRecord]:
-        """Every record (or those with ``status`` ``'ok'`` / ``'error'``), ordered by id."""
-        if status not in (None, "ok", "error"):
-            raise ValueError(f"status must be None, 'ok' or 'error', got {status!r}")
-        after = 0
-        while True:
-            with self._mutex:
-                self._check_open()
-                page = self._db.page(after, status)
-            yield from page
-            if len(page) < PAGE:
-                return
-            after = page[-1].id
-
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """Raw ``(n, D)`` float32 descriptors of ``'ok'`` images, in input order.
-
-        Raises:
-            ValueError: an id is unknown or belongs to an ``'error'`` image.
-        """
-        wanted = [int(i) for i in ids]
-        with self._mutex:
-            self._check_open()
-            with self._db.snapshot():
-                found = self._db.slots_of(sorted(set(wanted)))
-                bad = [i for i in wanted if i not in found or found[i][1] is None]
-                if bad:
-                    raise ValueError(
-                        f"no vector for image id(s) {bad[:5]}{' ...' if len(bad) > 5 else ''} in "
-                        f"{self.path}: unknown ids or images that failed to decode"
-                    )
-                vectors, n_rows = self._loader.vector_file()
-                slots = np.array([found[i][1] for i in wanted], dtype=np.int64)
-                return vectors.read(slots, n_rows)
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest images by inner product in the (whitened) descriptor space.
 
@@ -450,67 +377,6 @@ class IndexStore(WriterMixin):
 
         return IndexVectors(self)
 
-    # -- freshness -------------------------------------------------------------------------
-
-    def _change_token(self) -> tuple:
-        """Changes whenever another process commits or replaces the manifest (cheap)."""
-        try:
-            st = (self.path / MANIFEST_NAME).stat()
-            manifest = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            manifest = None
-        return self._db.data_version(), manifest
-
-    def refresh(self) -> None:
-        """Make the changes committed since opening (or the last refresh) searchable."""
-        with self._mutex:
-            self._check_open()
-            self._token = self._change_token()
-            if self._view is None or self.writable:
-                self._current_view()
-                return
-            self._view = self._loader.catch_up(self._view)
-            manifest = _read_complete(self.path, self._db)
-            # keep search parameters changed locally with set_search_params
-            self._manifest = manifest.replace(index=self._manifest.index)
-
-    def refresh_if_changed(self) -> bool:
-        """:meth:`refresh` when another process has committed since the last one (one
-        SQLite statement and one ``stat`` otherwise); returns whether it refreshed."""
-        with self._mutex:
-            self._check_open()
-            if self.writable or self._change_token() == self._token:
-                return False
-            self.refresh()
-            return True
-
-    @contextlib.contextmanager
-    def try_writer(self) -> Iterator[bool]:
-        """For a reader: hold the writer lock for a short write if no other process holds
-        it (yields True; the manifest is re-read), else yield False at once. A writer yields
-        True. Used to store what a search computed (a DBA, local features)."""
-        if self.writable:
-            yield True
-            return
-        lock = WriterLock(self.path / LOCK_NAME, self.path)
-        try:
-            lock.acquire()
-        except (IndexLockedError, IndexStateError):
-            yield False
-            return
-        try:
-            with self._mutex:
-                self._manifest = _read_complete(self.path, self._db).replace(
-                    index=self._manifest.index
-                )
-                self._brief = True
-            yield True
-        finally:
-            with self._mutex:
-                self._brief = False
-                self._token = self._change_token()
-            lock.release()
-
     def update_manifest(self, **changes: Any) -> Manifest:
         """Record changed settings (:class:`Manifest` fields) in ``manifest.json``, atomically.
 
@@ -519,23 +385,8 @@ class IndexStore(WriterMixin):
         with self._mutex:
             if not self._brief:
                 self._require_writable()
+            upgrading = self._manifest.format_version < 2
             self._manifest = write_manifest(self.path, self._manifest.replace(**changes))
+            if upgrading:  # a reader in try_writer() wrote a format 1 index as format 2
+                finish_upgrade(self.path, self._db, self._manifest)
             return self._manifest
-
-
-def _read_complete(root: Path, db: MetaDB) -> Manifest:
-    """The manifest, a format 1 one completed from ``meta.sqlite`` (see :func:`upgrade_v1`)."""
-    manifest = read_manifest(root)
-    if manifest.format_version >= 2:
-        return manifest
-    text = db.kv_get(V1_SETTINGS_KEY, "{}") or "{}"
-    try:
-        settings = json.loads(text)
-    except ValueError:
-        settings = None
-    if not isinstance(settings, dict):
-        raise IndexStateError(
-            f"{root / DB_NAME} holds unreadable settings; the index is damaged, rebuild it into "
-            "a new --index directory"
-        )
-    return upgrade_v1(manifest, settings)

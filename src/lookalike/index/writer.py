@@ -25,7 +25,13 @@ from lookalike.index.loader import WHITENING_NAME, Loader, View, load_whitening
 from lookalike.index.manifest import CheckpointRef, Manifest, WhiteningState, now_iso
 from lookalike.index.metadata import MetaDB
 from lookalike.index.vectors import check_vectors, is_vectors_name, vectors_name
-from lookalike.storage import TMP_SUFFIX, atomic_write, remove_durably, remove_leftovers
+from lookalike.storage import (
+    TMP_SUFFIX,
+    atomic_write,
+    remove_durably,
+    remove_leftovers,
+    switch_data_file,
+)
 
 if TYPE_CHECKING:
     from lookalike.whitening import Whitening
@@ -193,11 +199,13 @@ class WriterMixin:
         logger.info("checkpoint %s: %d vectors", name, len(view.backend))
 
     def set_whitening(self, whitening: Whitening | None) -> None:
-        """Store (or, with None, drop) the whitening and rebuild faiss in the new space.
+        """Store (or, with None, drop) the whitening and rebuild the backend in the new space.
 
         Order, so that a reader never combines a whitening with a checkpoint built under
-        another: the manifest first (``whitening.epoch`` + 1, no checkpoint), then
-        ``whitening.npz``, then the rebuild and a fresh checkpoint.
+        another, nor labels one whitening with the epoch of another: the manifest first
+        (``whitening.epoch`` + 1, no checkpoint), then ``whitening.npz``, then the manifest
+        again (epoch + 1 more: a reader that loaded in between, with either file, reloads),
+        then the rebuild and a fresh checkpoint.
 
         Raises:
             ConfigError: its input dimension is not ``D``, or the factory rejects its output.
@@ -211,11 +219,9 @@ class WriterMixin:
                 )
             validate_conf(self.conf, whitening.dim_out)
         with self._mutex:
-            epoch = self._manifest.whitening.epoch + 1
+            old = self._manifest.whitening
             self.update_manifest(
-                whitening=WhiteningState(
-                    whitening is not None, None if whitening is None else whitening.dim_out, epoch
-                ),
+                whitening=WhiteningState(old.learned, old.dim_out, old.epoch + 1),
                 checkpoint=CheckpointRef(),
             )
             path = self.path / WHITENING_NAME
@@ -223,6 +229,12 @@ class WriterMixin:
                 remove_durably([path])
             else:
                 atomic_write(path, whitening.save)
+            epoch = old.epoch + 2
+            self.update_manifest(
+                whitening=WhiteningState(
+                    whitening is not None, None if whitening is None else whitening.dim_out, epoch
+                )
+            )
             remove_durably([p for p in self.path.iterdir() if is_checkpoint_name(p.name)])
             backend, seq = self._loader.rebuild(whitening)
             self._view = View(backend, whitening, seq, epoch, from_checkpoint=False)
@@ -250,17 +262,13 @@ class WriterMixin:
                 return  # no dead rows
             target = self.path / vectors_name(seq)
             vectors.write_compacted(target, slots, n_rows)
-            try:
-                with self._db.write():
-                    self._db.reassign_slots(ids, np.arange(len(ids), dtype=np.int64))
-                    self._db.prune_ops(seq)
-                    self._db.kv_set("vectors_file", target.name)
-                    self._db.kv_set("n_rows", len(ids))
-            except BaseException:
-                target.unlink(missing_ok=True)
-                raise
-            if vectors.path != target:
-                remove_durably([vectors.path])
+
+            def update(_: object) -> None:
+                self._db.reassign_slots(ids, np.arange(len(ids), dtype=np.int64))
+                self._db.prune_ops(seq)
+                self._db.kv_set("n_rows", len(ids))
+
+            switch_data_file(self._db, "vectors_file", target, update)
             logger.info("compacted %s: %d of %d vector rows kept", self.path, len(ids), n_rows)
 
     def _recover(self) -> None:
@@ -276,17 +284,19 @@ class WriterMixin:
                 or (is_vectors_name(name) and name != current_vectors)
             ),
         )
-        # A crash inside set_whitening() can leave the manifest entry and the file disagreeing;
-        # the file is what readers apply, so the entry follows it.
+        # A crash inside set_whitening() (which clears the checkpoint first) can leave the
+        # manifest entry and the file disagreeing; the file is what readers apply, so the
+        # entry follows it.
+        state = self._manifest.whitening
         has_file = (self.path / WHITENING_NAME).exists()
-        if self._manifest.whitening.learned != has_file:
-            whitening = load_whitening(self.path) if has_file else None
+        if state.learned != has_file or (has_file and self._manifest.checkpoint.file is None):
+            whitening = load_whitening(self.path)
+            dim_out = None if whitening is None else whitening.dim_out
+        else:
+            dim_out = state.dim_out
+        if (state.learned, state.dim_out) != (has_file, dim_out):
             self.update_manifest(
-                whitening=WhiteningState(
-                    has_file,
-                    None if whitening is None else whitening.dim_out,
-                    self._manifest.whitening.epoch + 1,
-                ),
+                whitening=WhiteningState(has_file, dim_out, state.epoch + 2),
                 checkpoint=CheckpointRef(),
             )
             remove_durably([p for p in self.path.iterdir() if is_checkpoint_name(p.name)])

@@ -12,8 +12,8 @@ Another engine plugs in by implementing the protocol and adding itself to
 
 The contract (the faiss one): vectors are ``(n, d)`` float32 rows, ids int64; ``search``
 returns ``(scores, ids)`` of shape ``(n, k)``, best first, padded with id ``-1`` and score
-``-inf``; adding an id that is present replaces its vector; removing an unknown id is a
-no-op.
+``-inf``; ``add`` takes ids that are not present (an update is a removal, then an add);
+removing an unknown id is a no-op.
 """
 
 from __future__ import annotations

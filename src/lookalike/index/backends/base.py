@@ -62,7 +62,8 @@ class VectorBackend(Protocol):
         ...
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Add ``(n, d)`` float32 vectors under ``(n,)`` ids; present ids are replaced."""
+        """Add ``(n, d)`` float32 vectors under ``(n,)`` distinct ids that are not present
+        (an update is :meth:`remove`, then add; the reference raises ``ValueError``)."""
         ...
 
     def remove(self, ids: np.ndarray) -> None:
@@ -98,5 +99,6 @@ class VectorBackend(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """``{"backend", "structure", "live", "dead", "trained", "memory_bytes"}``."""
+        """``{"backend", "structure", "live", "dead", "trained", "memory_bytes",
+        "search_params"}`` (``search_params``: the search-time knobs in effect)."""
         ...

@@ -176,7 +176,9 @@ class FaissBackend:
 
     @classmethod
     def create(cls, conf: IndexConf, dim: int) -> FaissBackend:
-        """No vectors: the configured structure, or the flat fallback if it needs training."""
+        """No vectors: the configured structure, or the flat fallback if it needs training.
+        ``ConfigError`` (with faiss's reason) for a factory faiss cannot build."""
+        validate_factory(conf.factory, dim)
         index = make_index(conf, dim)
         if index.is_trained:
             return cls(with_ids(index), conf, fallback=False)
@@ -317,7 +319,9 @@ class FaissBackend:
 
     def add(self, x: np.ndarray, ids: np.ndarray) -> None:
         """Add ``(n, d)`` float32 vectors under ``(n,)`` image ids, absent ones (an update is
-        :meth:`remove`, then add)."""
+        :meth:`remove`, then add). A tombstoned structure also takes a present id (its old
+        position dies): loading a checkpoint revives positions removed before it was saved,
+        until :meth:`retain`."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return
@@ -355,13 +359,12 @@ class FaissBackend:
             self._dead = np.ones(len(self._labels), dtype=bool)
             self._dead[np.fromiter(keep.values(), dtype=np.int64, count=len(keep))] = False
             return
-        if self.ntotal == len(live):
-            return
         extra = np.setdiff1d(_all_labels(self.index), live)
-        logger.warning(
-            "faiss held %d ids that meta.sqlite does not list; removing them", len(extra)
-        )
-        self.remove(extra)
+        if len(extra):
+            logger.warning(
+                "faiss held %d ids that meta.sqlite does not list; removing them", len(extra)
+            )
+            self.remove(extra)
 
     # -- search ----------------------------------------------------------------------------
 

@@ -52,8 +52,12 @@ class NumpyBackend:
         try:
             with np.load(path, allow_pickle=False) as data:
                 ids, vectors = data["ids"], data["vectors"]
-        except (OSError, ValueError, KeyError, EOFError) as error:
-            raise CheckpointError(f"{path} is not a numpy checkpoint ({error})") from None
+        except Exception as error:  # not a zip, truncated zip, not .npz, missing arrays, ...
+            raise CheckpointError(
+                f"{path} is not a numpy checkpoint ({type(error).__name__}: {error})"
+            ) from None
+        if ids.dtype != np.int64 or vectors.dtype != np.float32:
+            raise CheckpointError(f"{path} holds {ids.dtype} ids / {vectors.dtype} vectors")
         if ids.ndim != 1 or vectors.ndim != 2 or len(ids) != len(vectors):
             raise CheckpointError(f"{path} holds arrays of inconsistent shapes")
         return cls(conf, ids, vectors)
