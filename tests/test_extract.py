@@ -19,7 +19,6 @@ from lookalike.errors import ConfigError
 from lookalike.extract import EXTRACT_PRESETS, Descriptors, ExtractConf, Extractor, get_preset
 from lookalike.models import MODELS
 from lookalike.pooling import POOLING
-from lookalike.search import conf_from_descriptor, fuse_max
 from lookalike.whitening import WhiteningConf
 
 pytest_plugins = ("_fixtures",)
@@ -127,16 +126,18 @@ def test_descriptor_round_trip(conf: ExtractConf) -> None:
     assert set(desc) >= DESCRIPTOR_KEYS
     assert desc["scales"] == list(conf.scales)
     stored = json.loads(json.dumps(desc))  # what an index manifest keeps
-    back = conf_from_descriptor(stored)
+    back = ExtractConf.from_descriptor(stored)
     assert back == conf.replace(**{key: getattr(ExtractConf(), key) for key in excluded})
     assert back.descriptor() == desc
-    with_runtime = conf_from_descriptor(stored, **{key: getattr(conf, key) for key in excluded})
+    with_runtime = ExtractConf.from_descriptor(
+        stored, **{key: getattr(conf, key) for key in excluded}
+    )
     assert with_runtime == conf
 
 
 def test_descriptor_override_unknown_key() -> None:
     with pytest.raises(ConfigError, match="unknown extract settings"):
-        conf_from_descriptor(ExtractConf().descriptor(), gpu=True)
+        ExtractConf.from_descriptor(ExtractConf().descriptor(), gpu=True)
 
 
 @pytest.mark.parametrize("name", sorted(EXTRACT_PRESETS))
@@ -337,49 +338,3 @@ def test_query_rotations(extractor: Extractor, photos: dict, tmp_path: Path) -> 
     assert cosines(out[:1], upright)[0] > 0.9999
     assert cosines(out[1:], extractor.extract_query(turned))[0] > 0.9999
     assert cosines(out[:1], out[1:])[0] < 0.99
-
-
-# --- fuse_max (lookalike.search) -------------------------------------------------------------
-
-
-def brute_fuse(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[list[float], list[int]]:
-    best: dict[int, float] = {}
-    for v in range(ids.shape[0]):
-        for j in range(ids.shape[1]):
-            i, s = int(ids[v, j]), float(scores[v, j])
-            if i != -1 and (i not in best or s > best[i]):
-                best[i] = s
-    ranked = sorted(best, key=lambda i: (-best[i], i))[:k]
-    out_s = [best[i] for i in ranked] + [-np.inf] * (k - len(ranked))
-    return out_s, ranked + [-1] * (k - len(ranked))
-
-
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("k", [1, 4, 12])
-def test_fuse_max_matches_brute_force(seed: int, k: int) -> None:
-    rng = np.random.default_rng(seed)
-    views, width = 3, 6
-    ids = rng.integers(0, 8, (views, width)).astype(np.int64)  # ids repeat across views
-    scores = np.round(rng.random((views, width)), 1).astype(np.float32)  # ties on purpose
-    ids[rng.random((views, width)) < 0.2] = -1  # "no result" padding
-    out_s, out_i = fuse_max(scores, ids, k)
-    exp_s, exp_i = brute_fuse(scores, ids, k)
-    assert out_s.shape == (k,) and out_i.shape == (k,)
-    assert out_s.dtype == np.float32 and out_i.dtype == np.int64
-    assert out_i.tolist() == exp_i
-    np.testing.assert_array_equal(out_s, np.asarray(exp_s, np.float32))
-
-
-def test_fuse_max_keeps_best_score_per_id() -> None:
-    scores = np.array([[0.9, 0.5, 0.1], [0.8, 0.7, 0.0]], np.float32)
-    ids = np.array([[3, 5, -1], [5, 3, -1]], np.int64)
-    out_s, out_i = fuse_max(scores, ids, 3)
-    assert out_i.tolist() == [3, 5, -1]
-    np.testing.assert_allclose(out_s, [0.9, 0.8, -np.inf])
-
-
-def test_fuse_max_all_padding_and_empty() -> None:
-    out_s, out_i = fuse_max(np.zeros((2, 3), np.float32), np.full((2, 3), -1, np.int64), 2)
-    assert out_i.tolist() == [-1, -1] and np.isneginf(out_s).all()
-    out_s, out_i = fuse_max(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), 2)
-    assert out_i.tolist() == [-1, -1]

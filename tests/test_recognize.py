@@ -1,9 +1,9 @@
-"""Recognition: soft-voting, every confidence option, GAP of predictions, end to end."""
+"""Recognition: soft-voting, every confidence option, GAP of predictions, the Recognizer on
+a stand-in searcher, and end to end through a Searcher (with and without the verify stage)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,23 +14,28 @@ from lookalike.evaluate.metrics import global_average_precision
 from lookalike.index import IndexConf, IndexStore
 from lookalike.indexing import index_folder
 from lookalike.labels import labels_from_folder
+from lookalike.local.conf import VerifyConf
+from lookalike.ranking import Ranking
 from lookalike.recognize import (
     CONFIDENCE,
     DEFAULT_CONFIDENCE,
     Prediction,
     Recognizer,
     confidence,
+    has_labels,
     predict,
+    recognize,
     soft_vote,
 )
 from lookalike.search import Hit, Searcher
 
 
-def hits_of(*pairs: tuple[str | None, float]) -> list[Hit]:
-    """Neighbours from (label, score) pairs, best first."""
+def hits_of(*pairs: tuple[str | None, float], inliers: list[int] | None = None) -> list[Hit]:
+    """Neighbours from (label, score) pairs, best first (with inlier counts if given)."""
+    counts = inliers or [None] * len(pairs)
     return [
-        Hit(r + 1, r, f"/gallery/{r}.jpg", s, {"label": lb} if lb else {})
-        for r, (lb, s) in enumerate(pairs)
+        Hit(r + 1, r, f"/gallery/{r}.jpg", s, {"label": lb} if lb else {}, n)
+        for r, ((lb, s), n) in enumerate(zip(pairs, counts, strict=True))
     ]
 
 
@@ -203,37 +208,63 @@ def test_predict_empty():
     assert predict([]) == Prediction(None, 0.0, [], [])
 
 
+class _Stage:
+    def __init__(self, name: str) -> None:
+        self.name, self.depth = name, 0
+
+
 class FakeSearcher:
-    """Stands in for a Searcher: fixed neighbours for every query."""
+    """Stands in for a Searcher: fixed neighbours for every query, the stages named."""
 
-    def __init__(self, rows: list[list[Hit]]) -> None:
+    def __init__(self, rows: list[list[Hit]], stages: tuple[str, ...] = ()) -> None:
         self.rows = rows
-        self.calls: list[tuple[list, int, list | None]] = []
+        self.stages = [_Stage(n) for n in stages]
+        self.calls: list[tuple[list, int]] = []
 
-    def search_files_verified(self, paths, k=10, boxes=None, rerank=()):
-        self.calls.append((list(paths), k, boxes))
-        shape = (len(paths), k)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.int64), np.full(shape, -1)
+    def search(self, queries, k=10, rotations=None, progress=None) -> Ranking:
+        self.calls.append((list(queries), k))
+        if progress is not None:
+            progress(len(queries), len(queries))
+        return Ranking.empty(k, batch=len(queries))
 
-    def results(self, scores, ids):
-        return [row[: scores.shape[1]] for row in self.rows[: len(scores)]]
+    def results(self, ranking: Ranking) -> list[list[Hit]]:
+        n, k = ranking.ids.shape
+        return [row[:k] for row in self.rows[:n]]
 
 
-def test_recognizer_k_and_verify_hook():
-    searcher = FakeSearcher([hits_of(("a", 0.9), ("b", 0.8), ("b", 0.8))])
+def test_recognizer_votes_with_the_verified_inliers():
+    # "b" has more inliers (40) but "a" the better similarity: k = 2 neighbours vote
+    rows = [hits_of(("a", 0.9), ("b", 0.8), ("b", 0.8), inliers=[3, 40, -1])]
+    searcher = FakeSearcher(rows, stages=("dba+aqe", "verify"))
+    rec = Recognizer(searcher, k=2, p=1, confidence="inliers")
     seen = []
-
-    def verify(path, box, hits):
-        seen.append((path, box, len(hits)))
-        return np.array([3, 40])  # the verified "b" outweighs "a"
-
-    rec = Recognizer(searcher, k=2, p=1, confidence="inliers", verify=verify)
-    (pred,) = rec.predict_files(["q.jpg"], boxes=[(0, 0, 5, 5)])
-    assert searcher.calls == [(["q.jpg"], 2, [(0, 0, 5, 5)])]
-    assert seen == [(Path("q.jpg"), (0, 0, 5, 5), 2)]
-    # k = 2 neighbours vote: a 0.9 beats b 0.8; confidence = inliers of "a" = 3
+    (pred,) = rec.predict(["q.jpg"], progress=lambda done, n: seen.append((done, n)))
+    assert searcher.calls == [(["q.jpg"], 2)] and seen == [(1, 1)]
+    # a 0.9 beats b 0.8; confidence = the most inliers among the "a" neighbours = 3
     assert (pred.label, pred.confidence, len(pred.neighbours)) == ("a", 3.0, 2)
-    assert rec.predict_files([]) == []
+    assert rec.predict([]) == [] and len(searcher.calls) == 1
+    assert len(rec.predict(np.ones((1, 4), np.float32))) == 1  # an (n, D) array of vectors
+    # unverified neighbours (inliers -1 or None) count 0
+    rows = [hits_of(("a", 0.9), ("b", 0.8), inliers=[-1, 7])]
+    (pred,) = Recognizer(FakeSearcher(rows, ("verify",)), k=2, p=1, confidence="inliers").predict(
+        [1]
+    )
+    assert (pred.label, pred.confidence) == ("a", 0.0)
+
+
+def test_inliers_confidence_needs_the_verify_stage():
+    with pytest.raises(ConfigError, match=r"needs geometric verification.*--rerank verify"):
+        Recognizer(FakeSearcher([], stages=("dba",)), confidence="inliers")
+    rec = Recognizer(FakeSearcher([hits_of(("a", 0.5))]), k=1, p=1, confidence="top1")
+    assert not rec.verified and rec.predict(["q"])[0].confidence == pytest.approx(0.5)
+
+
+def test_prediction_to_dict():
+    pred = predict(hits_of(("a", 0.9), (None, 0.5)), p=1)
+    d = pred.to_dict("q.jpg")
+    assert d["image"] == "q.jpg" and d["label"] == "a" and d["votes"] == [["a", 0.9]]
+    assert d["confidence"] == pytest.approx(0.9)
+    assert [n["rank"] for n in d["neighbours"]] == [1, 2] and "metadata" not in d["neighbours"][1]
 
 
 @pytest.mark.parametrize(
@@ -286,8 +317,9 @@ def gallery(tmp_path_factory, default_extractor):
 def test_recognize_end_to_end(gallery, default_extractor):
     index, queries = gallery
     paths = [queries / f"{name}.png" for name in (*CLASSES.values(), DISTRACTORS[0])]
-    with Searcher(index, extractor=default_extractor) as searcher:
-        preds = Recognizer(searcher, k=5).predict_files(paths)
+    with Searcher.open(index, extractor=default_extractor) as searcher:
+        assert has_labels(searcher.store)
+        preds = Recognizer(searcher, k=5).predict(paths)
         assert [x.label for x in preds][:3] == list(CLASSES)
         # the last query is a near-duplicate of the unlabelled astronaut
         assert preds[3].neighbours[0].metadata == {}
@@ -301,8 +333,46 @@ def test_recognize_end_to_end(gallery, default_extractor):
             assert conf[3] < min(conf[:3]), method
         # a threshold between the two abstains on the stray query only
         cut = (preds[3].confidence + min(x.confidence for x in preds[:3])) / 2
-        strict = Recognizer(searcher, k=5, min_confidence=cut).predict_files(paths)
+        strict = Recognizer(searcher, k=5, min_confidence=cut).predict(paths)
         assert [x.label for x in strict] == [*CLASSES, None]
+        # bytes and ids are queries too: an indexed image is recognised as its own label
+        root = index.with_name(index.name.removesuffix("-index"))
+        cat = searcher.store.find_path(str((root / "cat" / "0.png").resolve()))
+        by_bytes, by_id = Recognizer(searcher, k=5).predict([paths[0].read_bytes(), cat.id])
+        assert by_bytes.label == by_id.label == "cat"
+        assert by_bytes.confidence == pytest.approx(preds[0].confidence)
+
+
+SIFT = VerifyConf(features="sift", max_keypoints=256, max_side=128, budget=6, ratio=0.85)
+
+
+def test_recognize_with_the_verify_stage(gallery, default_extractor):
+    """``recognize --rerank verify``: the neighbours are verified with SIFT (computed from
+    the gallery files on first use) and the inlier counts give the confidence."""
+    index, queries = gallery
+    paths = [queries / f"{name}.png" for name in (*CLASSES.values(), DISTRACTORS[0])]
+    with Searcher.open(index, ["verify"], SIFT, extractor=default_extractor) as searcher:
+        rec = Recognizer(searcher, k=5, confidence="inliers")
+        assert rec.verified
+        preds = rec.predict(paths)
+        assert [x.label for x in preds][:3] == list(CLASSES)
+        for pred in preds:
+            assert all(h.inliers is not None and h.inliers >= 0 for h in pred.neighbours)
+        # near-duplicates of the cat and cup photos match many inliers (the flat rocket
+        # photo none at 128 px); the stray query matches its unlabelled twin, no labelled one
+        cat, cup, _, stray = preds
+        assert cat.confidence >= 30 and cup.confidence >= 10 and stray.confidence == 0
+        assert cat.confidence == max(h.inliers for h in cat.neighbours if h.metadata)
+        assert stray.neighbours[0].metadata == {} and stray.neighbours[0].inliers >= 30
+        # fused scores: similarity + a bonus for inliers (none for a candidate without)
+        assert cat.neighbours[0].score > 1.0 > cat.neighbours[3].score
+        cautious = Recognizer(searcher, k=5, confidence="inliers", min_confidence=5)
+        assert [x.label for x in cautious.predict([paths[0], paths[3]])] == ["cat", None]
+    # the module function, as the CLI calls it
+    again = recognize(index, paths[:1], k=5, confidence="inliers", rerank=["verify"], verify=SIFT)
+    assert (again[0].label, again[0].confidence) == (preds[0].label, preds[0].confidence)
+    with pytest.raises(ConfigError, match="needs geometric verification"):
+        recognize(index, paths[:1], confidence="inliers")
 
 
 def test_recognize_empty_index(tmp_path, default_extractor, gallery):
@@ -311,8 +381,9 @@ def test_recognize_empty_index(tmp_path, default_extractor, gallery):
     IndexStore.create(
         tmp_path / "empty", conf.descriptor(), default_extractor.dim, IndexConf()
     ).close()
-    with Searcher(tmp_path / "empty", extractor=default_extractor) as searcher:
-        (pred,) = Recognizer(searcher).predict_files([queries / "chelsea.png"])
+    with Searcher.open(tmp_path / "empty", extractor=default_extractor) as searcher:
+        assert not has_labels(searcher.store)
+        (pred,) = Recognizer(searcher).predict([queries / "chelsea.png"])
     assert pred == Prediction(None, 0.0, [], [])
 
 
@@ -328,8 +399,8 @@ def test_recognize_one_image_index(tmp_path, default_extractor, gallery):
         extractor=default_extractor,
         metadata=labels_from_folder(root),
     )
-    with Searcher(tmp_path / "index", extractor=default_extractor) as searcher:
-        cat, cup = Recognizer(searcher, confidence="share").predict_files(
+    with Searcher.open(tmp_path / "index", extractor=default_extractor) as searcher:
+        cat, cup = Recognizer(searcher, confidence="share").predict(
             [queries / "chelsea.png", queries / "coffee.png"]
         )
     # the only neighbour is the labelled cat: every query gets "cat", all of the vote mass

@@ -1,28 +1,36 @@
-"""Database-side augmentation: the maths against plain loops, and the stored DBA staying
-equal to a from-scratch computation through adds, updates, removals, whitening changes,
-saving and reloading.
+"""Database-side augmentation: the maths against plain loops; the stored DBA staying equal
+to a from-scratch computation through adds, updates, removals, whitening changes, saving and
+reloading; ``DBAState`` computing it once and storing it; the stage (through the stage
+protocol). How searchers share, store and follow it is in ``test_search.py``.
 
 Synthetic clustered unit vectors in 16-d, a ``Flat`` index, a few dozen images.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+from index_helpers import DESCRIPTOR
 
 import lookalike.rerank.dba as dba_module
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index import IndexStore, NewImage
+from lookalike.index.manifest import DBASettings
+from lookalike.query import Query, QueryContext
+from lookalike.ranking import Ranking
 from lookalike.rerank import (
     DBAConf,
     DBAIndex,
     DBARerank,
+    DBAState,
     QEConf,
+    StageResources,
     alpha_qe,
     build_dba,
-    open_dba,
+    build_stages,
     sync_dba,
 )
 from lookalike.rerank.dba import DBA_NAME
@@ -30,7 +38,6 @@ from lookalike.rerank.functional import dba, knn_lists, max_fuse
 from lookalike.whitening import Whitening
 
 D = 16
-DESCRIPTOR = {"synthetic": True}
 
 
 def clustered(n: int, seed: int = 0, clusters: int = 5) -> np.ndarray:
@@ -67,24 +74,38 @@ def ref_dba(x: np.ndarray, k: int, alpha: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def reference_for(store: IndexStore, k: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, augmented)`` recomputed plainly from the store's live vectors."""
-    live = store.live_vectors()
-    return live.ids, ref_dba(live.vectors, k, alpha)
+def build(store: IndexStore, k: int, alpha: float) -> DBAIndex:
+    return build_dba(store.vector_source(), k, alpha)
+
+
+def load(store: IndexStore) -> DBAIndex | None:
+    return DBAIndex.load(store.path / DBA_NAME, store.vector_source())
 
 
 def assert_matches_scratch(index: DBAIndex, store: IndexStore) -> None:
     """The state equals a from-scratch build and the plain reference."""
-    scratch = build_dba(store, index.k, index.alpha)
-    assert (index.seq, index.epoch) == store.vector_version() == (scratch.seq, scratch.epoch)
+    scratch = build(store, index.k, index.alpha)
+    version = store.vector_source().version()
+    assert (index.seq, index.epoch) == version == (scratch.seq, scratch.epoch)
     np.testing.assert_array_equal(index.ids, scratch.ids)
     np.testing.assert_array_equal(index.neighbours, scratch.neighbours)
     np.testing.assert_allclose(index.sims, scratch.sims, atol=1e-6)
     np.testing.assert_allclose(index.vectors, scratch.vectors, atol=1e-6)
-    ids, ref = reference_for(store, index.k, index.alpha)
-    np.testing.assert_array_equal(index.ids, ids)
-    if len(ref):
-        np.testing.assert_allclose(index.vectors, ref, atol=1e-5)
+    live = store.vector_source().live()
+    np.testing.assert_array_equal(index.ids, live.ids)
+    if len(live.ids):
+        np.testing.assert_allclose(
+            index.vectors, ref_dba(live.vectors, index.k, index.alpha), atol=1e-5
+        )
+
+
+def context(q: np.ndarray) -> QueryContext:
+    return QueryContext(Query(vector=q), q)
+
+
+def first_stage(store: IndexStore, q: np.ndarray, k: int) -> Ranking:
+    scores, ids = store.vector_source().search(q[None], k)
+    return Ranking(scores[0], ids[0])
 
 
 @pytest.fixture
@@ -100,6 +121,20 @@ def store(tmp_path: Path):
 def incremental(monkeypatch: pytest.MonkeyPatch) -> None:
     """Never fall back to a full rebuild: exercise the incremental update rule."""
     monkeypatch.setattr(dba_module, "FULL_REBUILD_FRACTION", 10.0)
+
+
+@pytest.fixture
+def computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the full DBA computations (``DBAIndex.compute`` calls) of this process."""
+    calls: list[int] = []
+    compute = DBAIndex.compute.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, source, k, alpha, live):  # type: ignore[no-untyped-def]
+        calls.append(len(live.ids))
+        return compute(cls, source, k, alpha, live)
+
+    monkeypatch.setattr(DBAIndex, "compute", classmethod(counting))
+    return calls
 
 
 # -- functional ------------------------------------------------------------------------------
@@ -159,14 +194,14 @@ def test_knn_lists_match_brute_force(k: int) -> None:
 
 @pytest.mark.parametrize(("k", "alpha"), [(3, 3.0), (5, 0.0)])
 def test_build_matches_the_reference(store: IndexStore, k: int, alpha: float) -> None:
-    index = build_dba(store, k, alpha)
+    index = build(store, k, alpha)
     assert len(index) == 40 and index.vectors.shape == (40, D)
     assert (index.neighbours[:, 0] == index.ids).all()
     assert_matches_scratch(index, store)
 
 
 def test_search_is_exact_over_augmented_vectors(store: IndexStore) -> None:
-    index = build_dba(store, 3, 3.0)
+    index = build(store, 3, 3.0)
     q = clustered(2, seed=9)
     scores, ids = index.search(q, 6)
     sims = q @ index.vectors.T
@@ -179,17 +214,23 @@ def test_search_is_exact_over_augmented_vectors(store: IndexStore) -> None:
     assert (padded[40:] == -1).all() and (padded[:40] >= 0).all()
     with pytest.raises(ValueError, match="queries"):
         index.search(q[:, :8], 3)
+    known, vectors = index.lookup(np.array([index.ids[3], 999, index.ids[0]]))
+    assert known.tolist() == [True, False, True]
+    np.testing.assert_array_equal(vectors, index.vectors[[3, 0]])
+    with pytest.raises(ValueError, match="no DBA vector"):
+        index.augmented([999])
 
 
 def test_stale_state_is_never_searched(store: IndexStore) -> None:
-    index = build_dba(store, 3, 3.0)
+    index = build(store, 3, 3.0)
     assert index.is_current()
     store.add(images([100]), clustered(1, seed=5))
     assert not index.is_current()
     with pytest.raises(IndexStateError, match="update"):
         index.search(clustered(1, seed=6), 3)
     with pytest.raises(IndexStateError, match="update"):
-        index.save()
+        index.save(store.path / DBA_NAME)
+    assert index.search(clustered(1, seed=6), 3, check=False)[1].shape == (1, 3)  # asked for
     assert index.update() > 0 and index.is_current()
     assert index.search(clustered(1, seed=6), 3)[1].shape == (1, 3)
 
@@ -204,7 +245,7 @@ def test_consistent_after_add_update_remove(
     monkeypatch.setattr(
         dba_module, "FULL_REBUILD_FRACTION", 10.0 if mode == "incremental" else -1.0
     )
-    index = build_dba(store, 4, 3.0)
+    index = build(store, 4, 3.0)
     rng = np.random.default_rng(7)
     ids = {r.path: r.id for r in store.records()}
     steps = [
@@ -224,7 +265,7 @@ def test_consistent_after_add_update_remove(
             assert recomputed == len(index)
         assert_matches_scratch(index, store)
     # the update of a near-duplicate of an image must reach that image's reverse neighbours
-    live = store.live_vectors()
+    live = store.vector_source().live()
     dup = live.vectors[10] + 0.01 * rng.standard_normal(D).astype(np.float32)
     store.add(images([99]), (dup / np.linalg.norm(dup))[None].astype(np.float32))
     index.update()
@@ -233,7 +274,7 @@ def test_consistent_after_add_update_remove(
 
 
 def test_add_then_remove_between_updates(store: IndexStore, incremental: None) -> None:
-    index = build_dba(store, 3, 0.0)
+    index = build(store, 3, 0.0)
     (new_id,) = store.add(images([77]), clustered(1, seed=20))
     store.remove([new_id])  # the version moved, the vector set is back as it was
     assert not index.is_current()
@@ -242,14 +283,14 @@ def test_add_then_remove_between_updates(store: IndexStore, incremental: None) -
 
 
 def test_many_changes_rebuild_everything(store: IndexStore) -> None:
-    index = build_dba(store, 3, 3.0)
+    index = build(store, 3, 3.0)
     store.add(images(range(100, 130)), clustered(30, seed=21))  # 30 of 70: > a quarter
     assert index.update() == 70
     assert_matches_scratch(index, store)
 
 
 def test_whitening_change_rebuilds(store: IndexStore, incremental: None) -> None:
-    index = build_dba(store, 3, 3.0)
+    index = build(store, 3, 3.0)
     rng = np.random.default_rng(4)
     store.set_whitening(
         Whitening(
@@ -257,32 +298,29 @@ def test_whitening_change_rebuilds(store: IndexStore, incremental: None) -> None
         )
     )
     assert not index.is_current()
-    assert index.update() == 40 and index.epoch == 1 and index.vectors.shape == (40, 8)
+    assert index.update() == 40 and index.epoch > 0 and index.vectors.shape == (40, 8)
     assert_matches_scratch(index, store)
 
 
 def test_compaction_keeps_the_state_current(store: IndexStore) -> None:
     store.add(images([1, 2]), clustered(2, seed=30))  # updates leave dead vector rows
-    index = build_dba(store, 3, 3.0)
+    index = build(store, 3, 3.0)
     store.compact()  # rewrites the vector file, prunes ops, changes no vector
     assert index.is_current()
     assert_matches_scratch(index, store)
 
 
-# -- tiny indexes ----------------------------------------------------------------------------
-
-
 def test_empty_and_one_image_index(tmp_path: Path, incremental: None) -> None:
     with IndexStore.create(tmp_path / "index", DESCRIPTOR, D) as store:
-        index = build_dba(store, 3, 3.0)
+        index = build(store, 3, 3.0)
         assert len(index) == 0
         scores, ids = index.search(clustered(1)[0], 3)
         assert ids.tolist() == [-1, -1, -1] and np.isneginf(scores).all()
         assert index.search(clustered(1)[0], 0)[1].shape == (0,)
-        index.save()
+        index.save(store.path / DBA_NAME)
         (one,) = store.add(images([0]), clustered(1, seed=1))
         assert index.update() == 1
-        np.testing.assert_allclose(index.vectors, store.index_vectors([one]), atol=1e-6)
+        np.testing.assert_allclose(index.vectors, store.vector_source().vectors([one]), atol=1e-6)
         assert index.neighbours.tolist() == [[one, -1, -1]]
         assert index.search(clustered(1)[0], 2)[1].tolist() == [one, -1]
         store.add(images([1]), clustered(1, seed=2))
@@ -293,123 +331,130 @@ def test_empty_and_one_image_index(tmp_path: Path, incremental: None) -> None:
         assert len(index) == 0 and index.search(clustered(1)[0], 1)[1].tolist() == [-1]
 
 
-# -- persistence -----------------------------------------------------------------------------
+# -- the stored file and the writer's sync ---------------------------------------------------
 
 
-def test_saved_reloaded_and_kept_current(
-    store: IndexStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    index = open_dba(store, 3, 3.0)  # none stored: built and saved (writable)
+def test_saved_reloaded_and_synced(store: IndexStore, computations: list[int]) -> None:
+    index = DBAState(store, 3, 3.0).current()  # none stored: computed and stored (writer)
     path = store.path / DBA_NAME
     assert path.exists() and not list(store.path.glob("*.tmp"))
-    loaded = DBAIndex.load(store)
+    assert store.manifest.dba == DBASettings(3, 3.0) and len(computations) == 1
+    loaded = load(store)
     assert loaded is not None and (loaded.k, loaded.alpha) == (3, 3.0)
     assert (loaded.seq, loaded.epoch) == (index.seq, index.epoch) and loaded.is_current()
     for name in ("ids", "neighbours", "sims", "vectors"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(index, name))
-
-    def no_compute(*args: object, **kw: object) -> None:
-        raise AssertionError("recomputed although a current DBA is stored")
-
-    with monkeypatch.context() as m:
-        m.setattr(DBAIndex, "compute", no_compute)
-        assert open_dba(store, 3, 3.0).is_current()
-
+    again = DBAState(store, 3, 3.0)
+    assert again.current().is_current() and again.computed == 0 and len(computations) == 1
     store.add(images([50, 51]), clustered(2, seed=40))
     synced = sync_dba(store)  # what the indexing pipeline calls after its changes
-    assert synced is not None and synced.is_current()
-    reloaded = DBAIndex.load(store)
+    assert synced is not None and synced.is_current() and len(computations) == 1
+    reloaded = load(store)
     assert reloaded is not None and reloaded.is_current()
     assert_matches_scratch(reloaded, store)
-    # other settings: rebuilt and stored instead
-    other = open_dba(store, 5, 0.0)
-    assert (other.k, other.alpha) == (5, 0.0)
-    assert DBAIndex.load(store).k == 5  # type: ignore[union-attr]
+    # other settings: computed and stored instead
+    other = DBAState(store, 5, 0.0)
+    assert (other.current().k, other.computed) == (5, 1)
+    assert load(store).k == 5 and store.manifest.dba == DBASettings(5, 0.0)  # type: ignore[union-attr]
 
 
-def test_a_reader_updates_in_memory_only(store: IndexStore) -> None:
-    open_dba(store, 3, 3.0)
-    mtime = (store.path / DBA_NAME).stat().st_mtime_ns
+def test_a_writer_stores_what_it_follows(store: IndexStore, computations: list[int]) -> None:
+    state = DBAState(store, 3, 3.0)
+    state.current()
     store.add(images([60]), clustered(1, seed=41))
-    with IndexStore.open(store.path) as reader:
-        index = open_dba(reader, 3, 3.0)  # stored one is stale: updated, not written
-        assert index.is_current()
-        assert_matches_scratch(index, reader)
-        with pytest.raises(IndexStateError, match="read-only"):
-            index.save()
-    assert (store.path / DBA_NAME).stat().st_mtime_ns == mtime
-    assert sync_dba(store).is_current()  # type: ignore[union-attr]
+    assert state.current().is_current() and 0 < state.recomputed < 41
+    assert load(store).is_current() and len(computations) == 1  # type: ignore[union-attr]
 
 
-def test_no_stored_dba_and_damaged_file(store: IndexStore) -> None:
-    assert DBAIndex.load(store) is None and sync_dba(store) is None
+def test_no_stored_dba_and_damaged_file(store: IndexStore, caplog) -> None:
+    assert load(store) is None and sync_dba(store) is None
     (store.path / DBA_NAME).write_bytes(b"not an npz")
     with pytest.raises(IndexStateError, match="damaged"):
-        DBAIndex.load(store)
+        load(store)
+    with caplog.at_level(logging.WARNING, logger="lookalike.rerank.dba_stage"):
+        state = DBAState(store, 3, 3.0)
+        assert state.current().is_current() and state.computed == 1  # computed again
+    assert "damaged" in caplog.text and load(store).is_current()  # type: ignore[union-attr]
+
+
+def test_sync_recomputes_a_recorded_dba_whose_file_is_gone(store: IndexStore) -> None:
+    DBAState(store, 3, 3.0).current()
+    (store.path / DBA_NAME).unlink()
+    synced = sync_dba(store)
+    assert synced is not None and (synced.k, synced.alpha) == (3, 3.0)
+    assert_matches_scratch(load(store), store)  # type: ignore[arg-type]
 
 
 def test_writer_recovery_keeps_the_dba_file(store: IndexStore) -> None:
-    open_dba(store, 3, 3.0)
+    DBAState(store, 3, 3.0).current()
     root = store.path
     store.close()
     with IndexStore.open(root, writable=True) as again:
         assert (root / DBA_NAME).exists()
-        assert DBAIndex.load(again).is_current()  # type: ignore[union-attr]
+        assert load(again).is_current()  # type: ignore[union-attr]
 
 
 # -- the re-ranking stage --------------------------------------------------------------------
 
 
 def test_stage_searches_the_augmented_database_and_follows_changes(store: IndexStore) -> None:
-    stage = DBARerank(DBAConf(k=3, alpha=3.0, keep_first_stage=False))
+    stage = DBARerank(DBAState(store, 3, 3.0), DBAConf(k=3, alpha=3.0, keep_first_stage=False))
     q = clustered(1, seed=50)[0]
-    s0, i0 = store.search_index_space(q[None], 10)
-    scores, ids = stage(store, q, s0[0], i0[0], 5)
-    want = build_dba(store, 3, 3.0).search(q, 5)
-    np.testing.assert_array_equal(ids, want[1])
-    np.testing.assert_allclose(scores, want[0], atol=1e-6)
+    r0 = first_stage(store, q, 10)
+    out = stage(context(q), r0, 5)
+    want = build(store, 3, 3.0).search(q, 5)
+    np.testing.assert_array_equal(out.ids, want[1])
+    np.testing.assert_allclose(out.scores, want[0], atol=1e-6)
+    assert out.scores.dtype == np.float32 and out.ids.dtype == np.int64
     (new_id,) = store.add(images([200]), q[None])  # the query itself enters the index
-    _, ids = stage(store, q, s0[0], i0[0], 5)
-    assert ids[0] == new_id  # never the stale state
-    assert DBAIndex.load(store).is_current()  # type: ignore[union-attr]  # writer: saved
+    assert stage(context(q), r0, 5).ids[0] == new_id  # never the stale state
+    assert load(store).is_current()  # type: ignore[union-attr]  # writer: saved
+    assert stage(context(q), r0, 0).ids.shape == (0,)
 
 
 @pytest.mark.parametrize("expand_from", ["first-stage", "dba"])
 def test_stage_with_query_expansion(store: IndexStore, expand_from: str) -> None:
     qe = QEConf(n=2, alpha=3.0)
     conf = DBAConf(3, 3.0, qe=qe, expand_from=expand_from, keep_first_stage=False)
-    stage = DBARerank(conf, "dba+alpha-qe")
+    stage = DBARerank(DBAState(store, 3, 3.0), conf, "dba+alpha-qe")
     q = clustered(1, seed=51)[0]
-    s0, i0 = store.search_index_space(q[None], 10)
-    _, ids = stage(store, q, s0[0], i0[0], 6)
-    index = build_dba(store, 3, 3.0)
+    r0 = first_stage(store, q, 10)
+    out = stage(context(q), r0, 6)
+    index = build(store, 3, 3.0)
     if expand_from == "dba":
         top_s, top_i = index.search(q, 2)
     else:
-        top_s, top_i = s0[0][:2], i0[0][:2]
+        top_s, top_i = r0.scores[:2], r0.ids[:2]
     expanded = alpha_qe(q, index.augmented(top_i), top_s, 3.0, 2)
-    np.testing.assert_array_equal(ids, index.search(expanded, 6)[1])
-    # no usable first-stage result: the query is searched as it is
-    none_s, none_i = np.full(3, -np.inf, np.float32), np.full(3, -1, np.int64)
+    np.testing.assert_array_equal(out.ids, index.search(expanded, 6)[1])
     if expand_from == "first-stage":
-        np.testing.assert_array_equal(stage(store, q, none_s, none_i, 6)[1], index.search(q, 6)[1])
+        # no usable first-stage result: the query is searched as it is
+        none = stage(context(q), Ranking.empty(3), 6)
+        np.testing.assert_array_equal(none.ids, index.search(q, 6)[1])
+        # a removed top result is skipped: the next known ones expand the query
+        removed = Ranking.of([0.99, *r0.scores[:2]], [999, *r0.ids[:2]])
+        np.testing.assert_array_equal(stage(context(q), removed, 6).ids, out.ids)
 
 
 def test_stage_keeps_first_stage_scores(store: IndexStore) -> None:
     q = clustered(1, seed=52)[0]
-    s0, i0 = store.search_index_space(q[None], 40)
-    s0[0][3] = 5.0  # a first-stage score above any cosine: must stay on top
-    scores, ids = DBARerank(DBAConf(k=3, alpha=1.0))(store, q, s0[0], i0[0], 10)
-    plain_s, plain_i = build_dba(store, 3, 1.0).search(q, 40)
-    want_s, want_i = max_fuse(plain_s, plain_i, s0[0], i0[0], 10)
-    assert ids[0] == i0[0][3] and scores[0] == 5.0
-    np.testing.assert_array_equal(ids, want_i)
-    np.testing.assert_allclose(scores, want_s)
+    r0 = first_stage(store, q, 40)
+    r0.scores[3] = 5.0  # a first-stage score above any cosine: must stay on top
+    out = DBARerank(DBAState(store, 3, 1.0), DBAConf(k=3, alpha=1.0))(context(q), r0, 10)
+    plain_s, plain_i = build(store, 3, 1.0).search(q, 40)
+    want_s, want_i = max_fuse(plain_s, plain_i, r0.scores, r0.ids, 10)
+    assert out.ids[0] == r0.ids[3] and out.scores[0] == 5.0
+    np.testing.assert_array_equal(out.ids, want_i)
+    np.testing.assert_allclose(out.scores, want_s)
 
 
-def test_conf_validation() -> None:
+def test_conf_validation(store: IndexStore) -> None:
     for bad in ({"k": 0}, {"k": 2.5}, {"alpha": -1.0}, {"expand_from": "nowhere"}):
         with pytest.raises(ConfigError):
             DBAConf(**bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="dba"):
-        DBARerank.from_preset("dbb")
+        build_stages(["dbb"], StageResources(store))
+    with pytest.raises(ConfigError, match="k=5"):
+        DBARerank(DBAState(store, 3, 1.0), DBAConf(k=5))
+    with pytest.raises(ConfigError):
+        DBAState(store, 0, 1.0)

@@ -36,6 +36,25 @@ def check_box(box: object) -> Box | None:
     return x1, y1, x2, y2
 
 
+def check_rotations(rotations: object) -> tuple[int, ...]:
+    """Query angles as a non-empty tuple of ints, each a multiple of 90 degrees;
+    ``ConfigError`` otherwise."""
+    try:
+        values = list(rotations)  # type: ignore[call-overload]
+    except TypeError:
+        raise ConfigError(f"rotations must be a list of angles, got {rotations!r}") from None
+    angles = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise ConfigError(f"rotations must be angles in degrees, got {value!r}")
+        if not math.isfinite(value) or value != int(value) or int(value) % 90:
+            raise ConfigError(f"rotations must be multiples of 90 degrees, got {tuple(values)}")
+        angles.append(int(value))
+    if not angles:
+        raise ConfigError("rotations must name at least one angle (0 is upright)")
+    return tuple(angles)
+
+
 @dataclass(frozen=True)
 class Query:
     """One query; give exactly one of ``image``, ``id`` and ``vector``.
@@ -69,19 +88,26 @@ class Query:
             raise ConfigError(
                 f"a query is one image, id or vector, got {', '.join(given) or 'nothing'}"
             )
+        if isinstance(self.id, np.integer):
+            object.__setattr__(self, "id", int(self.id))
         if self.id is not None and (isinstance(self.id, bool) or not isinstance(self.id, int)):
             raise ConfigError(f"a query id must be an integer, got {self.id!r}")
+        if self.rotations is not None:
+            object.__setattr__(self, "rotations", check_rotations(self.rotations))
         if self.vector is not None:
             v = np.asarray(self.vector)
             if v.ndim not in (1, 2) or not np.issubdtype(v.dtype, np.floating) or not v.size:
                 raise ConfigError(
                     f"a query vector must be a (D,) or (R, D) float array, got {v.shape} {v.dtype}"
                 )
-        if self.rotations is not None:
-            angles = tuple(int(r) for r in self.rotations)
-            if not angles or any(a % 90 for a in angles):
-                raise ConfigError(f"rotations must be multiples of 90 degrees, got {angles}")
-            object.__setattr__(self, "rotations", angles)
+            if not np.isfinite(v).all():
+                raise ConfigError("a query vector holds NaN or infinite values")
+            views = 1 if v.ndim == 1 else len(v)
+            if self.rotations is not None and len(self.rotations) != views:
+                raise ConfigError(
+                    f"a query of {views} vector view(s) needs one rotation per view, got "
+                    f"{len(self.rotations)}: {self.rotations}"
+                )
         if self.image is not None and not isinstance(
             self.image, str | Path | bytes | bytearray | Image.Image
         ):

@@ -17,7 +17,7 @@ INLIERS = "inliers"  # field: (k,) int64 verified inlier counts, -1 = not verifi
 NOT_VERIFIED = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ranking:
     """Ranked candidates of one query (1-d arrays) or of a batch (2-d arrays).
 
@@ -55,10 +55,13 @@ class Ranking:
 
     @classmethod
     def stack(cls, rows: Sequence[Ranking], k: int) -> Ranking:
-        """One-query rankings of length ``k`` as an ``(n, k)`` batch; a field missing from
-        some rows is filled with its padding (-1)."""
+        """One-query rankings as an ``(n, k)`` batch (each cut or padded to ``k``); a field
+        missing from some rows is filled with its padding (-1)."""
         if not rows:
             return cls.empty(max(k, 0), batch=0)
+        if any(r.ids.ndim != 1 for r in rows):
+            raise TypeError("Ranking.stack takes one-query (1-d) rankings")
+        rows = [r if len(r) == k else r.fit(k) for r in rows]
         names = sorted({name for r in rows for name in r.fields})
         fields = {
             name: np.stack([r.fields.get(name, np.full(len(r), -1, np.int64)) for r in rows])
@@ -85,12 +88,13 @@ class Ranking:
         return self.ids >= 0
 
     def fit(self, k: int) -> Ranking:
-        """A one-query ranking cut or padded to exactly ``k`` entries (fields padded -1)."""
+        """The ranking cut or padded to exactly ``k`` entries per query (fields padded -1)."""
+        k = max(int(k), 0)
         n = min(k, len(self))
-        pad = k - n
 
         def cut(a: np.ndarray, fill: float) -> np.ndarray:
-            return np.concatenate([a[:n], np.full(pad, fill, a.dtype)])
+            pad = np.full((*a.shape[:-1], k - n), fill, a.dtype)
+            return np.concatenate([a[..., :n], pad], axis=-1)
 
         return Ranking(
             cut(self.scores, -np.inf),
@@ -99,12 +103,15 @@ class Ranking:
         )
 
     def take(self, order: np.ndarray) -> Ranking:
-        """The entries at positions ``order`` (fields follow)."""
+        """The entries of a one-query ranking at positions ``order`` (fields follow)."""
+        if self.ids.ndim != 1:
+            raise TypeError("take re-orders a one-query (1-d) ranking; index the batch first")
         return Ranking(
             self.scores[order], self.ids[order], {n: v[order] for n, v in self.fields.items()}
         )
 
     def with_field(self, name: str, values: np.ndarray) -> Ranking:
+        """The ranking with field ``name`` set (same shape as ``ids``)."""
         return Ranking(self.scores, self.ids, {**self.fields, name: np.asarray(values)})
 
 

@@ -319,7 +319,7 @@ class Recognizer:
         self, queries: Sequence[QueryLike], progress: Callable[[int, int], None] | None = None
     ) -> list[Prediction]:
         """Search and recognise queries (anything :meth:`Searcher.search` takes)."""
-        if not queries:
+        if len(queries) == 0:  # (not `not queries`: an (n, D) array has no truth value)
             return []
         ranking = self.searcher.search(queries, k=self.k, progress=progress)
         results = self.searcher.results(ranking)

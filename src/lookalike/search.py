@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from lookalike.errors import ConfigError
 from lookalike.extract import ExtractConf, Extractor
@@ -105,16 +106,18 @@ class Searcher:
     ) -> None:
         self.store = store
         self.conf = conf or ExtractConf.for_index(store.manifest, workers=0)
-        if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
-            raise ConfigError(
-                f"the extractor's settings differ from those index {store.path} was built with"
-            )
-        self._extractor = extractor
-        self._checked = False
+        if isinstance(extractor, _LazyExtractor):  # a sibling's: one model for both
+            self._extractor = extractor
+        else:
+            if extractor is not None and extractor.conf.descriptor() != self.conf.descriptor():
+                raise ConfigError(
+                    f"the extractor's settings differ from those index {store.path} was built "
+                    "with; pass extractor=None to make one with the index's settings"
+                )
+            self._extractor = _LazyExtractor(store, self.conf, extractor)
         self.stages: list[Stage] = list(stages)
         self.resources = resources or StageResources(store)
         self._close_store = close_store
-        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -151,8 +154,9 @@ class Searcher:
     def with_stages(
         self, rerank: Sequence[str], verify: VerifyConf | dict | None = None
     ) -> Searcher:
-        """A searcher over the same index, extractor and stage state with other stages."""
-        stages = build_stages(rerank, self.resources, verify)
+        """A searcher over the same index, extractor and stage state with other stages
+        (``verify`` as in :meth:`open`; its device defaults to the searcher's)."""
+        stages = build_stages(rerank, self.resources, _device(verify, self.conf.device))
         return Searcher(
             self.store, self._extractor, stages, conf=self.conf, resources=self.resources
         )
@@ -175,15 +179,7 @@ class Searcher:
     def extractor(self) -> Extractor:
         """The query extractor, loaded on first use (its weights checked against the
         index's recorded hash)."""
-        with self._lock:
-            if self._extractor is None:
-                self._extractor = Extractor(self.conf)
-            if not self._checked:
-                backbone = getattr(self._extractor, "backbone", None)
-                if backbone is not None:
-                    self.store.check_weights(backbone.weights_id)
-                self._checked = True
-            return self._extractor
+        return self._extractor.get()
 
     # -- searching -------------------------------------------------------------------------
 
@@ -212,7 +208,7 @@ class Searcher:
             ConfigError: a bad query (unknown or failed id, wrong vector shape, ...);
             ImageError: an unreadable query image.
         """
-        items = [Query.of(q) for q in queries]
+        items = _queries(queries)
         self.store.refresh_if_changed()
         for q in items:  # refuse a bad id before any image is described
             if q.id is not None:
@@ -246,7 +242,11 @@ class Searcher:
         """Raw ``(v, D)`` descriptors of the query's views, upright first, and ``(v, 1)``
         score penalties."""
         if query.id is not None:
-            return self.store.vectors([query.id]), np.zeros((1, 1), np.float32)
+            try:
+                return self.store.vectors([query.id]), np.zeros((1, 1), np.float32)
+            except ValueError:  # removed by another process since _check_id
+                self._check_id(query.id)
+                raise
         if query.vector is not None:
             views = np.asarray(query.vector, dtype=np.float32)
             views = views[None] if views.ndim == 1 else views
@@ -258,7 +258,10 @@ class Searcher:
             default = (0,) if len(views) == 1 else self.conf.query_rotations
             angles = query.rotations or default
             if len(angles) != len(views):
-                raise ConfigError(f"{len(views)} query views but {len(angles)} rotations")
+                raise ConfigError(
+                    f"{len(views)} query views but the index's default rotations are {angles}; "
+                    "give one angle per view: Query(vector=..., rotations=...)"
+                )
             return views, self._penalty(angles)
         angles = tuple(query.rotations or rotations or self.conf.query_rotations)
         views = self.extractor.extract_query(query.image, query.box, angles)
@@ -305,7 +308,7 @@ class Searcher:
         progress: Progress | None = None,
     ) -> list[Answer]:
         """:meth:`search` joined to the records: what ``lookalike search`` prints."""
-        items = [Query.of(q) for q in queries]
+        items = _queries(queries)
         hits = self.results(self.search(items, k, rotations, progress))
         return [Answer(self._label(q), h) for q, h in zip(items, hits, strict=True)]
 
@@ -316,6 +319,41 @@ class Searcher:
             if record is not None:
                 return record.path
         return query.label
+
+
+class _LazyExtractor:
+    """The query extractor of a searcher and its siblings: made on first use, its weights
+    checked against the index's recorded hash once."""
+
+    def __init__(self, store: IndexStore, conf: ExtractConf, extractor: Extractor | None) -> None:
+        self._store = store
+        self._conf = conf
+        self._extractor = extractor
+        self._checked = False
+        self._lock = threading.Lock()
+
+    def get(self) -> Extractor:
+        with self._lock:
+            if self._extractor is None:
+                self._extractor = Extractor(self._conf)
+            if not self._checked:
+                backbone = getattr(self._extractor, "backbone", None)
+                if backbone is not None:
+                    self._store.check_weights(backbone.weights_id)
+                self._checked = True
+            return self._extractor
+
+
+def _queries(queries: Sequence[QueryLike]) -> list[Query]:
+    """A batch of queries as :class:`Query` objects; one query given alone is refused (a
+    path would be read as its characters, a vector as its numbers)."""
+    single = (str, Path, bytes, bytearray, Query, Image.Image)
+    if isinstance(queries, single) or (isinstance(queries, np.ndarray) and queries.ndim != 2):
+        raise ConfigError(
+            "search takes a list of queries (or an (n, D) array of vectors); wrap one query "
+            "in a list"
+        )
+    return [Query.of(q) for q in queries]
 
 
 def _device(verify: VerifyConf | dict | None, device: str) -> VerifyConf | dict | None:

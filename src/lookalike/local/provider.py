@@ -169,6 +169,8 @@ class IndexFeatures:
         records = {r.id: r for r in self.store.get(ids) if r is not None}
         with self._lock:
             for image_id, feats in out.items():
+                if image_id not in records:  # removed by another process meanwhile
+                    continue
                 self._memory[image_id] = (records[image_id].content_hash, feats)
                 self._memory.move_to_end(image_id)
             while len(self._memory) > MEMORY_CACHE:

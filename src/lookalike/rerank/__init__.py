@@ -83,8 +83,8 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     expansion folded into ``dba+<qe>`` (where the first of the two stood), ``verify`` last.
 
     Raises:
-        ConfigError: an unknown name (listing the valid ones), ``verify`` twice, or two
-            query expansions with ``dba``.
+        ConfigError: an unknown name (listing the valid ones), ``verify`` twice, two query
+            expansions with ``dba``, or one beside ``dba+<qe>``.
     """
     names = [str(n) for n in names]
     for name in names:
@@ -95,6 +95,11 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     verify = VERIFY in names
     names = [n for n in names if n != VERIFY]
     qe = [n for n in names if n in QE_PRESETS]
+    expanded = [n for n in names if n in DBA_PRESETS and DBA_PRESETS[n].qe is not None]
+    if expanded and qe:  # a QE after it would search the plain index again
+        raise ConfigError(
+            f"{expanded[0]} already expands the query; drop {qe[0]}, or use dba with {qe[0]}"
+        )
     if "dba" in names and qe:
         if len(qe) > 1:
             raise ConfigError(f"choose one query expansion with dba, got {', '.join(qe)}")

@@ -121,7 +121,9 @@ class DBAIndex:
 
     def is_current(self) -> bool:
         """Whether the index still holds exactly the vectors this state was computed from."""
-        return self.source.version() == (self.seq, self.epoch)
+        with self._lock:
+            mine = (self.seq, self.epoch)
+        return self.source.version() == mine
 
     def update(self) -> int:
         """Bring the state up to the index's current version (see the module docstring),
@@ -206,8 +208,19 @@ class DBAIndex:
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """``(n,)`` bool: which ``ids`` have an augmented vector."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        at = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
-        return (self.ids[at] == ids) if len(self.ids) else np.zeros(len(ids), dtype=bool)
+        with self._lock:
+            known = self.ids
+        at = np.minimum(np.searchsorted(known, ids), max(len(known) - 1, 0))
+        return (known[at] == ids) if len(known) else np.zeros(len(ids), dtype=bool)
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(known, vectors)``: ``(n,)`` bool, which ``ids`` have an augmented vector, and
+        ``(known.sum(), d)`` float32 those vectors, in input order, from one state (an
+        update in another thread cannot come between the two)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        with self._lock:
+            known = self.contains(ids)
+            return known, self.vectors[np.searchsorted(self.ids, ids[known])]
 
     def augmented(self, ids: np.ndarray) -> np.ndarray:
         """The augmented vectors of ``ids``, ``(n, d)`` float32.
@@ -222,12 +235,17 @@ class DBAIndex:
                 raise ValueError(f"no DBA vector for image id(s) {ids[~known][:5].tolist()}")
             return self.vectors[np.searchsorted(self.ids, ids)]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, check: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner-product search of the augmented vectors.
 
         Args:
             queries: ``(n, d)`` (or one ``(d,)``) index-space queries.
             k: results per query; ``<= 0`` ranks every image.
+            check: refuse a stale state; False searches the state as it is (for a caller
+                that brought it up to date a moment ago: a commit since then is seen by the
+                next search, as it is by the first-stage search).
 
         Returns:
             ``(scores, ids)``, ``(n, k)`` float32 / int64, best first, ``-1`` / ``-inf``
@@ -239,24 +257,26 @@ class DBAIndex:
         q = np.asarray(queries, dtype=np.float32)
         single = q.ndim == 1
         q = q[None] if single else q
-        with self._lock:
-            self._require_current()
-            if q.ndim != 2 or (len(self) and q.shape[1] != self.vectors.shape[1]):
-                raise ValueError(f"queries must be (n, {self.vectors.shape[1]}), got {q.shape}")
-            n_db = len(self)
-            k = n_db if k <= 0 else int(k)
-            scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-            ids = np.full((len(q), k), -1, dtype=np.int64)
-            got = min(k, n_db)
-            if got and len(q):
-                s = q @ self.vectors.T
-                top = np.argpartition(-s, got - 1, axis=1)[:, :got] if got < n_db else None
-                if top is None:
-                    top = np.broadcast_to(np.arange(n_db), s.shape)
-                top_s = np.take_along_axis(s, top, axis=1)
-                order = np.lexsort((top, -top_s), axis=1)
-                scores[:, :got] = np.take_along_axis(top_s, order, axis=1)
-                ids[:, :got] = self.ids[np.take_along_axis(top, order, axis=1)]
+        with self._lock:  # one state; update() replaces the arrays, never writes into them
+            if check:
+                self._require_current()
+            db_ids, db = self.ids, self.vectors
+        if q.ndim != 2 or (len(db_ids) and q.shape[1] != db.shape[1]):
+            raise ValueError(f"queries must be (n, {db.shape[1]}), got {q.shape}")
+        n_db = len(db_ids)
+        k = n_db if k <= 0 else int(k)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        got = min(k, n_db)
+        if got and len(q):
+            s = q @ db.T
+            top = np.argpartition(-s, got - 1, axis=1)[:, :got] if got < n_db else None
+            if top is None:
+                top = np.broadcast_to(np.arange(n_db), s.shape)
+            top_s = np.take_along_axis(s, top, axis=1)
+            order = np.lexsort((top, -top_s), axis=1)
+            scores[:, :got] = np.take_along_axis(top_s, order, axis=1)
+            ids[:, :got] = db_ids[np.take_along_axis(top, order, axis=1)]
         return (scores[0], ids[0]) if single else (scores, ids)
 
     # -- persistence -------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class DBAState:
 
     Attributes:
         computed: full computations this state ran (0 when it loaded a stored one).
+        recomputed: augmented vectors recomputed since, following the index's changes.
         stored: whether the state it computed was stored in ``dba.npz``.
     """
 
@@ -90,6 +91,7 @@ class DBAState:
         self.store = store
         self.k, self.alpha = int(k), float(alpha)
         self.computed = 0
+        self.recomputed = 0
         self.stored = False
         self._index: DBAIndex | None = None
         self._lock = threading.Lock()
@@ -100,15 +102,27 @@ class DBAState:
             if self._index is None:
                 self._index = self._open()
             elif not self._index.is_current():
-                self._index.update()
+                self._follow(self._index)
             return self._index
+
+    def _follow(self, index: DBAIndex) -> None:
+        """Update ``index`` to the index's version; a writer's store also saves it (a
+        reader's stays in memory: the next writer's :func:`sync_dba` stores it)."""
+        before = (index.seq, index.epoch)
+        self.recomputed += index.update()
+        if self.store.writable and (index.seq, index.epoch) != before:
+            try:
+                index.save(self.store.path / DBA_NAME)
+            except (OSError, IndexStateError) as error:  # changed again: the next one saves
+                logger.debug("updated DBA of %s not saved: %s", self.store.path, error)
 
     def _open(self) -> DBAIndex:
         stored = _load(self.store)
         if stored is not None and (stored.k, stored.alpha) == (self.k, self.alpha):
-            recomputed = stored.update()
-            if recomputed:
-                logger.info("stored DBA of %s brought up to date in memory", self.store.path)
+            if not stored.is_current():
+                self._follow(stored)
+                where = "stored" if self.store.writable else "in memory"
+                logger.info("stored DBA of %s brought up to date %s", self.store.path, where)
             return stored
         if stored is not None:
             logger.info(
@@ -176,34 +190,32 @@ class DBARerank:
     def __call__(self, query: QueryContext, ranking: Ranking, k: int) -> Ranking:
         """Re-rank one query (the :class:`lookalike.rerank.Stage` protocol): the ranking of
         the augmented database, fused with the given one (``keep_first_stage``)."""
+        if k <= 0:  # (a search of k <= 0 would rank everything)
+            return ranking.fit(0)
         scores, ids = ranking.scores, ranking.ids
-        for _ in range(3):  # a commit between the update and the search: update again
-            index = self.state.current()
-            try:
-                q = self._query(index, query.descriptor, scores, ids)
-                out_s, out_i = index.search(q, k)
-            except IndexStateError:
-                continue
-            if self.conf.keep_first_stage:
-                return Ranking(*max_fuse(out_s, out_i, scores, ids, len(out_i)))
-            return Ranking(out_s, out_i)
-        raise IndexStateError(
-            f"index {self.state.store.path} kept changing during re-ranking; retry in a moment"
-        )
+        # Current as of now, like the first stage's view as of this search's start; a commit
+        # in between is followed by the next search (searching never waits for writers).
+        index = self.state.current()
+        q = self._query(index, query.descriptor, scores, ids)
+        out_s, out_i = index.search(q, k, check=False)
+        if self.conf.keep_first_stage:
+            return Ranking(*max_fuse(out_s, out_i, scores, ids, len(out_i)))
+        return Ranking(out_s, out_i)
 
     def _query(
         self, index: DBAIndex, query: np.ndarray, scores: np.ndarray, ids: np.ndarray
     ) -> np.ndarray:
         if self.expansion is None:
             return query
+        n = self.expansion.conf.n
         if self.conf.expand_from == "dba":
-            scores, ids = index.search(query, self.expansion.conf.n)
+            scores, ids = index.search(query, n, check=False)
         top_s, top_i = top_valid(scores, ids, len(ids))
-        known = index.contains(top_i)
-        top_s, top_i = top_s[known][: self.expansion.conf.n], top_i[known][: self.expansion.conf.n]
-        if len(top_i) == 0:
+        known, vectors = index.lookup(top_i)  # results removed since are skipped
+        top_s = top_s[known][:n]
+        if len(top_s) == 0:
             return query
-        return self.expansion.expand(query, index.augmented(top_i), top_s)
+        return self.expansion.expand(query, vectors[:n], top_s)
 
 
 def sync_dba(store: IndexStore) -> DBAIndex | None:

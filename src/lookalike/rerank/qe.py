@@ -97,6 +97,8 @@ class QueryExpansion:
     def __call__(self, query: QueryContext, ranking: Ranking, k: int) -> Ranking:
         """Re-rank one query (the :class:`lookalike.rerank.Stage` protocol): the ranking of
         the expanded query, fused with the given one (``keep_first_stage``)."""
+        if k <= 0:  # (a search of k <= 0 would rank everything)
+            return ranking.fit(0)
         scores, ids = ranking.scores, ranking.ids
         top_s, top_i = top_valid(scores, ids, self.conf.n)
         if len(top_i) == 0:  # nothing to expand with: the first stage stands
