@@ -7,7 +7,6 @@ does and prints.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import distinct_image, near_duplicate, photo, write_images
 from PIL import Image
@@ -33,7 +31,7 @@ from lookalike.errors import (
 )
 from lookalike.extract import Extractor, get_preset
 from lookalike.index import IndexStore
-from lookalike.indexing import index_folder
+from lookalike.indexing import index_folder, index_info
 
 CLI = [sys.executable, "-m", "lookalike.cli"]
 # The crash and lock tests are about the store, not the descriptor: no whitening to learn
@@ -219,74 +217,6 @@ def test_round_trip(tmp_path, make_images, capsys, monkeypatch, default_extracto
     assert left == {str(p.resolve()) for p in (paths[2], paths[3], paths[4], paths[5], paths[6])}
 
 
-# -- 2. bad files ----------------------------------------------------------------------------
-
-
-def jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=95, **kwargs)
-    return buf.getvalue()
-
-
-def test_index_folder_with_bad_files(tmp_path, capsys):
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    distinct_image(0, 64).save(folder / "good.png")
-    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
-    whole = jpeg_bytes(distinct_image(1, 64))
-    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
-    distinct_image(2, 64).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
-    deep = np.asarray(distinct_image(3, 64).convert("L"), dtype=np.uint16) * 257
-    Image.fromarray(deep).save(folder / "deep16.png")
-    assert Image.open(folder / "deep16.png").mode.startswith("I")
-    distinct_image(4, 64).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
-    upright = photo("astronaut", 96).crop((0, 0, 96, 64))  # landscape: rotation shows
-    exif = Image.Exif()
-    exif[0x0112] = 6  # display rotated 90 degrees clockwise
-    stored = upright.transpose(Image.Transpose.ROTATE_90)  # portrait pixels on disk
-    (folder / "exif_rotated.jpg").write_bytes(jpeg_bytes(stored, exif=exif))
-    (folder / "empty.jpg").write_bytes(b"")
-    bad = {"corrupt.jpg", "truncated.jpg", "empty.jpg"}
-    good = ["good.png", "cmyk.jpg", "deep16.png", "palette.png", "exif_rotated.jpg"]
-    index = tmp_path / "index"
-
-    rc, out, err = cli(capsys, "index", folder, "--index", index, "--workers", "0", "-q")
-    assert rc == 0, err
-    s = summary(out)
-    assert (s["added"], s["failed"]) == ("5", "3")
-    listed = [line for line in out.splitlines() if line.startswith("    ")]
-    assert len(listed) == 3
-    assert {Path(line.split(":")[0].strip()).name for line in listed} == bad
-
-    rc, out, err = cli(capsys, "info", "--index", index)
-    assert rc == 0, err
-    assert "5 ok, 3 error" in out
-    assert all(str((folder / name).resolve()) in out for name in bad)
-    rc, out, _ = cli(capsys, "info", "--index", index, "--json")
-    info = json.loads(out)
-    assert info["counts"] == {"ok": 5, "error": 3}
-    assert {Path(f["path"]).name for f in info["failed"]} == bad
-    assert all(f["error"] for f in info["failed"])
-
-    rc, out, err = cli(
-        capsys, "search", "--index", index, *[folder / n for n in good], "--json", "-k", 1
-    )
-    assert rc == 0, err
-    for line, name in zip(json_lines(out), good, strict=True):
-        assert Path(line["results"][0]["path"]).name == name
-        assert line["results"][0]["score"] > 0.99
-    # The EXIF-rotated file was indexed upright: the upright picture finds it.
-    query = tmp_path / "upright.png"
-    upright.save(query)
-    rc, out, _ = cli(capsys, "search", "--index", index, query, "--json", "-k", 1)
-    top = json_lines(out)[0]["results"][0]
-    assert Path(top["path"]).name == "exif_rotated.jpg" and top["score"] > 0.9
-    # An indexed file that failed has no descriptor to search with.
-    bad_id = info["failed"][0]["id"]
-    rc, _, err = cli(capsys, "search", "--index", index, "--id", bad_id)
-    assert rc == ConfigError.exit_code and "failed to index" in one_line_error(err)
-
-
 # -- 3. resume after SIGKILL -----------------------------------------------------------------
 
 
@@ -319,7 +249,7 @@ def test_resume_after_sigkill(tmp_path, many_images, capsys):
     assert len(paths) == len(set(paths)) == len(many_images)
     assert set(paths) == {str(p.resolve()) for p in many_images}
     with IndexStore.open(index) as store:  # the faiss view agrees with the rows
-        assert store.manifest["descriptor"]["pooling"] == get_preset("fast").pooling
+        assert store.manifest.descriptor["pooling"] == get_preset("fast").pooling
         first = next(store.records()).id
         _, ids = store.search(store.vectors([first]), k=0)
         assert ids[0, 0] == first
@@ -523,18 +453,29 @@ def test_search_box_and_rotations(small_index, tmp_path, capsys):
     assert with_views > upright_only + 0.1
 
 
-def test_failed_files_list_is_capped(tmp_path, capsys):
+def test_failed_files_are_listed_and_capped(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "broken"
     folder.mkdir()
     distinct_image(0, 64).save(folder / "good.png")
     for i in range(13):
         (folder / f"empty{i:02d}.jpg").write_bytes(b"")
-    rc, out, err = cli(capsys, "index", folder, "--index", tmp_path / "index", "--workers", 0)
+    index = tmp_path / "index"
+    rc, out, err = cli(capsys, "index", folder, "--index", index, "--workers", 0)
     assert rc == 0, err
-    assert summary(out)["failed"] == "13"
+    assert (summary(out)["added"], summary(out)["failed"]) == ("1", "13")
     listed = [line for line in out.splitlines() if line.startswith("    ")]
     assert len(listed) == 11 and listed[-1].strip() == "... and 3 more"
     assert all("empty" in line and "0 bytes" in line for line in listed[:10])
+    rc, out, _ = cli(capsys, "info", "--index", index)
+    assert "1 ok, 13 error" in out and "failed files (13):" in out
+    failed = [line for line in out.splitlines() if line.startswith("  [")]
+    assert len(failed) == 13 and all(str(folder.resolve()) in line for line in failed)
+    import lookalike.cli.index_commands as commands
+
+    monkeypatch.setattr(commands, "MAX_INFO_FAILED_SHOWN", 5)
+    rc, out, _ = cli(capsys, "info", "--index", index)
+    assert len([line for line in out.splitlines() if line.startswith("  [")]) == 5
+    assert "... and 8 more (see --json)" in out
 
 
 def test_verbose_logs_to_stderr_and_cleans_up(small_index, capsys):
@@ -566,20 +507,41 @@ def test_info_and_presets_human_output(small_index, capsys):
     rc, out, _ = cli(capsys, "info", "--index", index)
     assert rc == 0
     fields = dict(re.findall(r"^(\w[\w ]*?) {2,}(.+)$", out, flags=re.MULTILINE))
-    assert fields["model"].startswith("efficientnet_lite0")
+    info = index_info(index)
+    assert fields["index"] == f"{index.resolve()} (format 2)"
+    assert fields["model"] == "efficientnet_lite0 (weights: packaged)"
+    assert fields["weights"] == info["model"]["weights_hash"] and len(fields["weights"]) > 8
     assert fields["pooling"] == get_preset("default").pooling
     assert fields["images"] == "6 ok, 0 error"
-    assert fields["factory"] == "Flat"
-    assert "local" not in fields  # built without --local, never verified
+    assert fields["backend"] == "faiss: Flat"
+    assert fields["queries"] == f"rotations {list(get_preset('default').query_rotations)}"
+    assert fields["whitening"] == "not learned yet"
+    assert "local" not in fields and "dba" not in fields  # no --local, never verified
     rc, out, _ = cli(capsys, "presets")
     assert rc == 0
-    for name in ("default", "fast", "exact", "hnsw", "IVF1024,PQ32"):
-        assert name in out
+    from lookalike.extract import EXTRACT_PRESETS
+    from lookalike.index import INDEX_PRESETS
     from lookalike.local.conf import VERIFY_PRESETS
-    from lookalike.rerank import RERANKERS
+    from lookalike.rerank import STAGES
 
-    for name in (*RERANKERS, "verify", *VERIFY_PRESETS, "sim_sqrt_inliers"):
-        assert re.search(rf"│ {re.escape(name)} +│", out) or name in out, name
+    tables: dict[str, list[list[str]]] = {}
+    for line in out.splitlines():
+        if not line.startswith(("│", "┃", "┏", "┡", "└")) and line.strip():
+            title = line.split()[0]  # "extract presets (--preset)" ...
+            tables[title] = []
+        elif line.startswith("│"):
+            tables[title].append([c.strip() for c in line.strip("│").split("│")])
+    assert [row[0] for row in tables["extract"]] == list(EXTRACT_PRESETS)
+    assert [row[0] for row in tables["index"]] == list(INDEX_PRESETS)
+    assert [row[0] for row in tables["re-ranking"]] == list(STAGES)
+    assert [row[0] for row in tables["verify"]] == list(VERIFY_PRESETS)
+    fast = tables["extract"][list(EXTRACT_PRESETS).index("fast")]
+    assert fast == ["fast", "efficientnet_lite0", "384", "1.0", "gem p=3.0", "off", "0"]
+    assert ["ivfpq", "faiss", "IVF1024,PQ32", "16", "128"] in tables["index"]
+    sqrt = tables["verify"][list(VERIFY_PRESETS).index("sqrt-inliers")]
+    assert sqrt[1] == "aliked" and sqrt[-1] == "sim_sqrt_inliers"
+    dba_aqe = tables["re-ranking"][list(STAGES).index("dba+aqe")][1]
+    assert dba_aqe.startswith("k=5 alpha=1.0 qe=(n=2 alpha=0.0")
 
 
 # -- 6. eval ---------------------------------------------------------------------------------

@@ -163,22 +163,6 @@ def test_csv_labels_a_new_index_and_relabel_it(tmp_path, capsys):
     assert line["neighbours"][0]["metadata"] == {"label": "kitty"}
 
 
-def test_relabelling_keeps_the_labels_of_other_folders(gallery, tmp_path, capsys):
-    index = copy_index(gallery, tmp_path)
-    empty = tmp_path / "empty.csv"
-    empty.write_text("path,label\n")
-    sub = gallery.root / "chelsea"
-    rc, out, err = cli(capsys, "index", sub, "--index", index, "--label-from", empty, *FAST)
-    assert rc == 0, err
-    s = summary(out)
-    assert (s["unchanged"], s["missing"], s["relabelled"]) == ("3", "0", "3")
-    assert s["labelled"] == "6 images, 2 classes"
-    labels = stored_labels(index, gallery.root)
-    assert [labels[f"chelsea/{f}"] for f in ("0.png", "1.jpg", "2.jpg")] == [{}, {}, {}]
-    assert labels["coffee/0.png"] == {"label": "coffee"}
-    assert labels["rocket/2.jpg"] == {"label": "rocket"}
-
-
 @pytest.mark.parametrize(
     ("content", "words"),
     [

@@ -15,9 +15,9 @@ from conftest import near_duplicate, photo
 from PIL import Image
 
 from lookalike.errors import IndexStateError
-from lookalike.evaluate import evaluate_dataset, load_dataset
-from lookalike.extract import Extractor
-from lookalike.indexing import index_files
+from lookalike.evaluate import evaluate, evaluate_dataset, load_dataset
+from lookalike.extract import Extractor, get_preset
+from lookalike.indexing import FROM_INDEX, index_files
 
 W, H = 128, 96  # size of each half of the query image
 
@@ -134,3 +134,18 @@ def test_no_queries_with_positives(tmp_path, default_extractor):
     assert result["queries"] == 1
     assert result["metrics"]["queries"] == 0
     assert result["metrics"]["mAP"] is None  # nan would not be valid JSON
+
+
+def test_evaluate_reuses_an_index_with_its_own_settings(oxford, tmp_path):
+    root, index = tmp_path / "oxford", tmp_path / "index"
+    first = evaluate("oxford5k", root, index, workers=0, backend="numpy", device="cpu")
+    assert list(first)[:2] == ["dataset", "preset"] and first["preset"] == "default"
+    assert first["index"]["backend"] == "numpy" and first["metrics"]["mAP"] == 100.0
+    again = evaluate("oxford5k", root, index, workers=0)  # no settings repeated
+    assert again["preset"] == FROM_INDEX and again["index"] == first["index"]
+    assert again["metrics"] == first["metrics"] and again["images_per_second"] == 0.0
+    with pytest.raises(IndexStateError, match="pooling"):
+        evaluate("oxford5k", root, index, "fast", workers=0)
+    # evaluate_dataset without index_conf takes the reused index's structure too
+    reused = evaluate_dataset(oxford, index, get_preset("default").replace(workers=0))
+    assert reused["index"]["backend"] == "numpy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from test_local_matching import homography_corner_error
 
 from lookalike.errors import ConfigError
 from lookalike.local import (
@@ -22,7 +24,6 @@ from lookalike.local import (
     verify_pair,
 )
 from lookalike.local.features import akaze_available, root_sift
-from lookalike.local.matching import homography_corner_error
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "aliked-n16.pth"
 SIDE = 256  # test images are SIDE x SIDE: fast on a shared 2-core machine
@@ -245,3 +246,54 @@ def test_aliked_rejects_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     torch.save(state, path)
     with pytest.raises(ConfigError, match="not an aliked-n16 checkpoint"):
         create_local_extractor("aliked", weights=path)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple]:
+    """No cached ALIKED weights and no name resolution; returns kornia's download calls."""
+    import socket
+
+    import torch
+    from kornia.feature import ALIKED
+
+    def no_dns(*args: object, **kwargs: object) -> None:
+        raise OSError(-3, "Temporary failure in name resolution")
+
+    calls: list[tuple] = []
+
+    def download(*args: object, **kwargs: object) -> None:
+        calls.append((args, kwargs))
+        raise AssertionError("kornia was asked to download while offline")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(ALIKED, "from_pretrained", classmethod(download))
+    return calls
+
+
+def test_aliked_offline_without_weights_is_one_config_error(offline: list) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError) as error:
+            create_local_extractor("aliked", max_keypoints=64, max_side=64)
+    message = str(error.value)
+    assert "--local-weights" in message and "aliked-n16.pth" in message
+    assert "name resolution" in message  # why: the hosts do not resolve
+    assert "\n" not in message
+    assert offline == []  # no download tried: no retries, no pauses
+    assert caught == []  # and no retry warnings
+
+
+def test_aliked_offline_error_reaches_the_cli_as_one_line(offline: list, tmp_path, capsys):
+    from lookalike.cli import main
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(_photo()).save(a)
+    Image.fromarray(_photo()).save(b)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["match", str(a), str(b), "--local", "aliked"])
+    out, err = capsys.readouterr()
+    assert rc == ConfigError.exit_code and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--local-weights" in err
+    assert offline == [] and caught == []

@@ -17,7 +17,6 @@ from lookalike.local import (
     fuse_scores,
     match_many,
     match_mutual_nn,
-    rerank,
     verify,
     verify_pair,
 )
@@ -192,7 +191,7 @@ def test_matches_to_matches0() -> None:
     assert matches_to_matches0(np.zeros((0, 2)), 2).tolist() == [-1, -1]
 
 
-def test_fusions_and_rerank() -> None:
+def test_fusions() -> None:
     sim = np.array([0.9, 0.8, 0.7, 0.6])
     inl = np.array([4, 100, 0, 25])
     np.testing.assert_allclose(
@@ -202,11 +201,13 @@ def test_fusions_and_rerank() -> None:
     np.testing.assert_allclose(
         fuse_scores(sim, inl, "sim_plus_inliers"), [0.9, 1.8, 0.7, 0.6 + 21 / 30], rtol=1e-6
     )
-    scores, ids = rerank(sim, np.array([10, 11, 12, 13]), inl, "inliers")
-    assert ids.tolist() == [11, 13, 10, 12] and scores.dtype == np.float32
+    fused = fuse_scores(sim, inl, "inliers")
+    assert fused.dtype == np.float32
+    assert np.argsort(-fused, kind="stable").tolist() == [1, 3, 0, 2]  # by inliers
     # equal inliers: the global similarity decides
-    _, ids = rerank(sim, np.array([1, 2, 3, 4]), np.zeros(4), "inliers")
-    assert ids.tolist() == [1, 2, 3, 4]
+    tied = fuse_scores(sim, np.zeros(4), "inliers")
+    assert np.argsort(-tied, kind="stable").tolist() == [0, 1, 2, 3]
+    assert (np.diff(tied) < 0).all()
     with pytest.raises(ConfigError, match="sim_sqrt_inliers"):
         fuse_scores(sim, inl, "magic")
     with pytest.raises(ValueError, match="shape"):

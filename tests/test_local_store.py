@@ -1,7 +1,9 @@
-"""LocalFeatureStore: round trips per encoding, removal, reopening, crashes, refusals."""
+"""LocalFeatureStore: round trips per encoding, removal, reopening, crashes, refusals, and
+stores of format 1 (moved into ``local.sqlite`` where the directory is writable)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,16 @@ from lookalike.local import (
     default_local_settings,
 )
 from lookalike.local.features import root_sift
-from lookalike.local.store import DATA_NAME, LOCAL_DIR
+from lookalike.local.store import (
+    DATA_NAME,
+    DB_NAME,
+    FORMAT_VERSION,
+    LOCAL_DIR,
+    META_KEY,
+    OLD_MANIFEST_NAME,
+    has_local_store,
+    stored_extractor,
+)
 
 
 def fake_features(name: str, n: int, seed: int = 0, size: tuple[int, int] = (640, 480)) -> dict:
@@ -253,7 +264,7 @@ def test_creation_is_atomic_and_leaves_no_scratch(index_dir: Path) -> None:
 
 
 def test_losing_a_creation_race_opens_the_winner(index_dir: Path, monkeypatch) -> None:
-    import lookalike.local.store as store_module
+    import lookalike.local.layout as store_module
 
     winner = {}
     real_rename = store_module.os.rename
@@ -272,3 +283,184 @@ def test_losing_a_creation_race_opens_the_winner(index_dir: Path, monkeypatch) -
     assert sorted(p.name for p in index_dir.iterdir()) == [LOCAL_DIR]
     loser.close()
     winner["store"].close()
+
+
+# -- format 1 (local/manifest.json beside local.sqlite, as commit 0b54257 wrote it) ----------
+
+
+def write_format1_store(index_dir: Path, name: str, items: dict[int, dict]) -> Path:
+    """A store laid out as format 1 wrote it: ``manifest.json`` (indent 2) describing the
+    records, ``local.sqlite`` with the features table and a kv of data file, data end and
+    generation only, ``features.bin`` with the records back to back."""
+    import json
+    import sqlite3
+
+    from lookalike.local.encoding import RecordCodec, library_versions, storage_encoding
+
+    root = index_dir / LOCAL_DIR
+    root.mkdir()
+    settings = default_local_settings(name)
+    storage = storage_encoding(settings, False)
+    codec = RecordCodec(
+        name, settings["dim"], settings["binary"], settings["max_keypoints"],
+        np.dtype(storage["descriptors"]), storage["scale"],
+    )  # fmt: skip
+    rows, data = [], b""
+    for image_id, feats in items.items():
+        record, n, w, h = codec.encode(feats)
+        rows.append((image_id, len(data), n, w, h, f"hash-{image_id}"))
+        data += record
+    (root / DATA_NAME).write_bytes(data)
+    conn = sqlite3.connect(root / DB_NAME, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        "CREATE TABLE features (id INTEGER PRIMARY KEY, offset INTEGER NOT NULL, n INTEGER "
+        "NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, tag TEXT);"
+        "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT);"
+    )
+    kv = (("data_file", DATA_NAME), ("data_end", str(len(data))), ("gen", "0"))
+    conn.executemany("INSERT INTO kv(key, value) VALUES (?, ?)", kv)
+    conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.close()
+    manifest = {
+        "format": "lookalike-local-features",
+        "format_version": 1,
+        "extractor": settings,
+        "storage": {**storage, "keypoints": "uint16", "scores": "float16"},
+        "quantize": False,
+        "versions": library_versions(),
+    }
+    (root / OLD_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return root
+
+
+def kv_meta(root: Path) -> str | None:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{root / DB_NAME}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM kv WHERE key = ?", (META_KEY,)).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else row[0]
+
+
+@pytest.fixture
+def format1(index_dir: Path) -> tuple[Path, dict[int, dict]]:
+    feats = {3: fake_features("sift", 12, 3), 8: fake_features("sift", 20, 8, size=(300, 200))}
+    return write_format1_store(index_dir, "sift", feats), feats
+
+
+def test_format1_store_is_read_and_moved_into_sqlite(index_dir: Path, format1) -> None:
+    import json
+
+    root, feats = format1
+    assert has_local_store(index_dir) and kv_meta(root) is None
+    assert stored_extractor(index_dir) == default_local_settings("sift")
+    assert (root / OLD_MANIFEST_NAME).exists()  # reading the settings upgrades nothing
+    with LocalFeatureStore(index_dir, "sift", default_local_settings("sift")) as store:
+        assert store.manifest["format_version"] == FORMAT_VERSION == 2
+        assert store.ids().tolist() == [3, 8] and store.tags() == {3: "hash-3", 8: "hash-8"}
+        for i, expected in feats.items():
+            got = store.get(i, tag=f"hash-{i}")
+            np.testing.assert_array_equal(got[DESCRIPTORS], expected[DESCRIPTORS])
+            assert got[IMAGE_SIZE] == expected[IMAGE_SIZE]
+    assert not (root / OLD_MANIFEST_NAME).exists()
+    meta = json.loads(kv_meta(root))
+    assert meta["format_version"] == 2 and meta["extractor"] == default_local_settings("sift")
+    assert meta["storage"] == {"descriptors": "uint8", "scale": 1.0, "keypoints": "uint16",
+                               "scores": "float16"}  # fmt: skip
+    # reopened from local.sqlite alone, still refusing other settings
+    assert stored_extractor(index_dir) == default_local_settings("sift")
+    with LocalFeatureStore(index_dir, "sift", create=False) as store:
+        store.put(9, feats[3])
+        assert store.ids().tolist() == [3, 8, 9]
+    with pytest.raises(IndexStateError, match="max_keypoints=1024"):
+        LocalFeatureStore(index_dir, "sift", {**default_local_settings("sift"), "max_keypoints": 5})
+
+
+def test_format1_store_in_a_read_only_directory_is_read_not_written(
+    index_dir: Path, format1, monkeypatch
+) -> None:
+    import hashlib
+    import sqlite3
+
+    from lookalike.storage import Database
+
+    root, feats = format1
+
+    def digest() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}
+
+    before = digest()
+
+    @contextlib.contextmanager
+    def refused(self):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+        yield  # pragma: no cover
+
+    def no_unlink(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Database, "write", refused)  # what a read-only directory does
+    monkeypatch.setattr(Path, "unlink", no_unlink)
+    with LocalFeatureStore(index_dir, "sift", create=False) as store:
+        assert store.manifest["format_version"] == 1  # read from manifest.json
+        assert store.ids().tolist() == [3, 8]
+        np.testing.assert_array_equal(store.get(8)[DESCRIPTORS], feats[8][DESCRIPTORS])
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store.put(1, feats[3])
+    assert digest() == before and kv_meta(root) is None
+    monkeypatch.undo()
+    with LocalFeatureStore(index_dir, "sift", create=False) as store:  # writable again
+        assert store.manifest["format_version"] == 2
+    assert kv_meta(root) is not None and not (root / OLD_MANIFEST_NAME).exists()
+
+
+def test_an_upgrade_interrupted_before_the_old_file_went_is_finished(
+    index_dir: Path, format1, monkeypatch
+) -> None:
+    root, _ = format1
+
+    def no_unlink(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", no_unlink)
+        LocalFeatureStore(index_dir, "sift").close()
+    assert kv_meta(root) is not None and (root / OLD_MANIFEST_NAME).exists()
+    with LocalFeatureStore(index_dir, "sift") as store:
+        assert store.manifest["format_version"] == 2 and len(store) == 2
+    assert not (root / OLD_MANIFEST_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("no-sqlite", "local.sqlite is missing"),
+        ("bad-json", "cannot read what"),
+        ("not-ours", "not a lookalike local feature store"),
+        ("newer", "upgrade lookalike"),
+        ("no-extractor", "names no local extractor"),
+    ],
+)
+def test_a_damaged_format1_store_is_refused(index_dir: Path, format1, damage, words) -> None:
+    import json
+
+    root, _ = format1
+    old = root / OLD_MANIFEST_NAME
+    meta = json.loads(old.read_text())
+    if damage == "no-sqlite":
+        (root / DB_NAME).unlink()
+    elif damage == "bad-json":
+        old.write_text("{not json")
+    else:
+        changes = {"not-ours": {"format": "other"}, "newer": {"format_version": 3},
+                   "no-extractor": {"extractor": None}}[damage]  # fmt: skip
+        old.write_text(json.dumps({**meta, **changes}))
+    with pytest.raises(IndexStateError, match=words):
+        LocalFeatureStore(index_dir, "sift", create=False)
+    if damage != "no-sqlite":
+        with pytest.raises(IndexStateError, match=words):
+            stored_extractor(index_dir)
+        assert old.exists()  # nothing moved

@@ -1,5 +1,6 @@
-"""Geometric verification as a search stage: ``index --local``, ``--rerank verify``,
-recognition with inliers, ``match``. SIFT (no weights to load) unless a test says otherwise.
+"""Geometric verification as a search stage: its settings, ``--rerank verify``, recognition
+with inliers, ``match``. SIFT (no weights to load) unless a test says otherwise. How the
+stored local features follow the index is in tests/test_local_sync.py.
 
 The collection: five unrelated photos at 320 px, plus queries that are known homography
 warps of one of them. The ``fast`` descriptor preset keeps indexing quick; what is tested
@@ -9,10 +10,13 @@ is the verification stage, not the global descriptor.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -20,15 +24,26 @@ import pytest
 from conftest import photo
 from test_cli import cli, json_lines, one_line_error, summary
 
-from lookalike.errors import ConfigError, IndexStateError
+from lookalike.errors import ConfigError
 from lookalike.extract import get_preset
 from lookalike.index import IndexStore
 from lookalike.indexing import index_folder
 from lookalike.local import LocalFeatureStore, fuse_scores
-from lookalike.local.conf import VERIFY_PRESETS, VerifyConf, get_verify_preset, local_preset
-from lookalike.local.sync import record_conf, recorded_conf, stale_ids, sync_local
+from lookalike.local.conf import (
+    VERIFY_PRESETS,
+    VerifyConf,
+    get_verify_preset,
+    local_conf,
+    local_preset,
+    verify_changes,
+)
+from lookalike.local.provider import IndexFeatures
+from lookalike.local.sync import sync_local
+from lookalike.query import Query, QueryContext
+from lookalike.ranking import NOT_VERIFIED, Ranking
 from lookalike.recognize import Recognizer
-from lookalike.rerank.verify import NOT_VERIFIED, GeometricVerifier, check_stage_names
+from lookalike.rerank import resolve_names
+from lookalike.rerank.verify import QUERY_FEATURES, GeometricVerifier
 from lookalike.search import Searcher
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera")
@@ -55,10 +70,9 @@ def warp(path: Path, out: Path, h: np.ndarray = H_TRUE) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Photos indexed with SIFT local features (read-only for the tests), and queries."""
-    base = tmp_path_factory.mktemp("verify")
+def make_collection(base: Path) -> dict:
+    """NAMES indexed with SIFT local features under ``base``, and two queries: a known warp
+    of the first photo and a flat grey image."""
     paths = write_photos(base / "photos")
     index = base / "index"
     report = index_folder(base / "photos", index, CONF, local=SIFT)
@@ -74,12 +88,18 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """:func:`make_collection` (read-only for the tests)."""
+    return make_collection(tmp_path_factory.mktemp("verify"))
+
+
 def _flat(path: Path) -> Path:
     cv2.imwrite(str(path), np.full((200, 240, 3), 127, np.uint8))  # no texture: no keypoints
     return path
 
 
-def _copy_index(collection: dict, tmp_path: Path) -> Path:
+def copy_index(collection: dict, tmp_path: Path) -> Path:
     target = tmp_path / "index"
     shutil.copytree(collection["index"], target)
     return target
@@ -89,13 +109,17 @@ def _copy_index(collection: dict, tmp_path: Path) -> Path:
 
 
 def test_presets_are_valid_and_named():
-    assert set(VERIFY_PRESETS) >= {"default", "seeds", "rootsift"}
-    assert VERIFY_PRESETS["seeds"].fusion == "sim_sqrt_inliers"
+    assert set(VERIFY_PRESETS) == {"default", "sqrt-inliers", "rootsift"}
+    assert VERIFY_PRESETS["sqrt-inliers"] == VerifyConf(fusion="sim_sqrt_inliers")
+    assert get_verify_preset("sqrt-inliers").fusion == "sim_sqrt_inliers"
     assert get_verify_preset("default") == VerifyConf()
     assert local_preset("rootsift") is VERIFY_PRESETS["rootsift"]
+    assert local_preset("aliked") is VERIFY_PRESETS["default"]
     assert local_preset("orb") == VerifyConf(features="orb")
-    with pytest.raises(ConfigError, match="default, seeds, rootsift"):
+    with pytest.raises(ConfigError, match="default, sqrt-inliers, rootsift"):
         get_verify_preset("nope")
+    with pytest.raises(ConfigError, match="sqrt-inliers"):
+        get_verify_preset("seeds")  # the old name is gone
 
 
 @pytest.mark.parametrize(
@@ -116,11 +140,67 @@ def test_bad_settings_are_refused(change, message):
         VerifyConf().replace(**change)
 
 
-def test_stage_names_split_and_verify_only_once():
-    assert check_stage_names(["dba", "verify", "aqe"]) == (["dba", "aqe"], True)
-    assert check_stage_names(["aqe"]) == (["aqe"], False)
+def test_local_conf_is_the_preset_of_the_features_with_the_changes(tmp_path):
+    assert local_conf(None) is None
+    assert local_conf("rootsift") == VERIFY_PRESETS["rootsift"]
+    assert local_conf("aliked") == VerifyConf()
+    got = local_conf("sift", max_keypoints=256, max_side=320, device="cuda")
+    assert got == VerifyConf(features="sift", max_keypoints=256, max_side=320, device="cuda")
+    weights = tmp_path / "aliked-n16.pth"
+    weights.write_bytes(b"")
+    relative = Path(os.path.relpath(weights))
+    assert local_conf("aliked", weights=relative).weights == str(weights.resolve())
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((None,), {"max_keypoints": 256}, "--local-keypoints need --local NAME"),
+        ((None,), {"max_side": 300, "weights": "w.pth"}, "--local-side, --local-weights need"),
+        (("aliked",), {"weights": "missing.pth"}, "missing.pth: no such file"),
+        (("sift",), {"max_side": 8}, "max_side"),
+        (("orb",), {"max_keypoints": 0}, "max_keypoints"),
+        (("surf",), {}, "sift, rootsift"),
+    ],
+)
+def test_local_conf_errors(args, kwargs, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        local_conf(*args, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_verify_changes_name_only_what_a_search_changes(tmp_path):
+    assert verify_changes() == {}
+    rootsift = VERIFY_PRESETS["rootsift"]
+    assert verify_changes("rootsift") == {
+        "features": "rootsift",
+        "max_keypoints": rootsift.max_keypoints,
+        "max_side": rootsift.max_side,
+        "ratio": rootsift.ratio,
+    }
+    assert verify_changes(budget=7, fusion="inliers", device="cpu") == {
+        "budget": 7,
+        "fusion": "inliers",
+        "device": "cpu",
+    }
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    assert verify_changes(weights=weights) == {"weights": str(weights.resolve())}
+    with pytest.raises(ConfigError, match="no such file"):
+        verify_changes(weights=tmp_path / "missing.pth")
+    # the values are checked where they are applied
+    with pytest.raises(ConfigError, match="sim_plus_inliers"):
+        VerifyConf().replace(**verify_changes(fusion="max"))
+    with pytest.raises(ConfigError, match="take no weights"):
+        VerifyConf(features="sift").replace(**verify_changes(weights=weights))
+
+
+def test_verify_is_moved_last_and_given_once():
+    assert resolve_names(["verify", "aqe"]) == ["aqe", "verify"]
+    assert resolve_names(["dba", "verify", "aqe"]) == ["dba+aqe", "verify"]
+    assert resolve_names(["aqe"]) == ["aqe"]
     with pytest.raises(ConfigError, match="twice"):
-        check_stage_names(["verify", "verify"])
+        resolve_names(["verify", "verify"])
 
 
 # -- the stage's re-ordering against a plain reference --------------------------------------
@@ -130,13 +210,19 @@ class FixedVerifier(GeometricVerifier):
     """The stage with given inlier counts instead of images."""
 
     def __init__(self, counts: dict[int, int], conf: VerifyConf) -> None:
-        super().__init__(store=None, conf=conf)  # type: ignore[arg-type]
+        super().__init__(SimpleNamespace(conf=conf, timings={}), conf)  # type: ignore[arg-type]
         self.counts = counts
         self.asked: list[int] = []
 
     def inliers(self, query, ids):
         self.asked = list(ids)
         return np.array([self.counts.get(i, 0) for i in ids], np.int64)
+
+
+def context(features: dict | None = None) -> QueryContext:
+    """A query whose local features are already known (``None``: a vector query)."""
+    query = Query(vector=np.ones(4, np.float32))
+    return QueryContext(query, np.ones(4, np.float32), {QUERY_FEATURES: features})
 
 
 @pytest.mark.parametrize("fusion", ["inliers", "sim_sqrt_inliers", "sim_plus_inliers"])
@@ -148,7 +234,8 @@ def test_reranks_the_budget_by_fused_score_and_keeps_the_rest(fusion):
     scores[-2:] = -np.inf
     counts = {int(i): int(rng.integers(0, 60)) for i in ids[:10]}
     stage = FixedVerifier(counts, VerifyConf(features="sift", budget=6, fusion=fusion))
-    out_s, out_i, out_n = stage({}, scores, ids, k=14)
+    out = stage(context({}), Ranking(scores, ids), k=14)
+    out_s, out_i, out_n = out.scores, out.ids, out.inliers
     assert stage.asked == list(range(100, 106))  # only the budget is verified
     # reference: fuse the top 6, sort them (stable), append the others unchanged
     fused = fuse_scores(scores[:6], np.array([counts[i] for i in range(100, 106)]), fusion)
@@ -160,182 +247,163 @@ def test_reranks_the_budget_by_fused_score_and_keeps_the_rest(fusion):
     np.testing.assert_array_equal(out_s[6:10], scores[6:10])
     assert out_n[6:].tolist() == [NOT_VERIFIED] * 8
     assert out_i[10:].tolist() == [-1] * 4 and np.isneginf(out_s[10:]).all()
+    assert out_s.dtype == np.float32 and out_i.dtype == np.int64 and out_n.dtype == np.int64
+
+
+def test_inliers_fusion_orders_by_inliers_and_ties_by_similarity():
+    sim = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+    stage = FixedVerifier({10: 4, 11: 100, 12: 0, 13: 25}, VerifyConf(fusion="inliers"))
+    out = stage(context({}), Ranking(sim, np.array([10, 11, 12, 13])), k=4)
+    assert out.ids.tolist() == [11, 13, 10, 12] and out.inliers.tolist() == [100, 25, 4, 0]
+    stage = FixedVerifier({}, VerifyConf(fusion="inliers"))  # equal inliers
+    out = stage(context({}), Ranking(sim, np.array([1, 2, 3, 4])), k=4)
+    assert out.ids.tolist() == [1, 2, 3, 4]
 
 
 def test_k_cuts_and_all_padding_verifies_nothing():
     stage = FixedVerifier({1: 50}, VerifyConf(features="sift"))
-    _, i, n = stage({}, np.array([0.5, 0.4], np.float32), np.array([0, 1]), k=1)
-    assert i.tolist() == [1] and n.tolist() == [50]
+    out = stage(context({}), Ranking.of([0.5, 0.4], [0, 1]), k=1)
+    assert out.ids.tolist() == [1] and out.inliers.tolist() == [50]
     stage.asked = []
-    _, i, n = stage({}, np.full(3, -np.inf, np.float32), np.full(3, -1), k=2)
-    assert i.tolist() == [-1, -1] and n.tolist() == [NOT_VERIFIED] * 2 and stage.asked == []
+    out = stage(context({}), Ranking.empty(3), k=2)
+    assert out.ids.tolist() == [-1, -1] and out.inliers.tolist() == [NOT_VERIFIED] * 2
+    assert stage.asked == []
 
 
-# -- index --local and the stored features --------------------------------------------------
+def test_a_query_without_an_image_keeps_its_ranking():
+    stage = FixedVerifier({1: 50}, VerifyConf(features="sift"))
+    ranking = Ranking.of([0.5, 0.4, 0.3], [0, 1, 2])
+    out = stage(context(None), ranking, k=2)
+    assert out.ids.tolist() == [0, 1] and out.scores.tolist() == pytest.approx([0.5, 0.4])
+    assert out.inliers.tolist() == [NOT_VERIFIED] * 2 and stage.asked == []
 
 
-def test_index_records_the_settings_and_stores_tagged_features(collection):
-    with IndexStore.open(collection["index"]) as store:
-        assert recorded_conf(store) == SIFT
-        hashes = {r.id: r.content_hash for r in store.records("ok")}
-        with LocalFeatureStore(store.path, "sift", create=False) as local:
-            assert local.tags() == hashes
-            assert local.max_keypoints == 512
-            assert stale_ids(store, local) == ([], [])
-
-
-def test_local_features_follow_updates_and_removals(collection, tmp_path):
-    photos = tmp_path / "photos"
-    shutil.copytree(collection["base"] / "photos", photos)
-    index = tmp_path / "index"
-    index_folder(photos, index, CONF, local=SIFT)
-    # a later run without --local keeps them current: one changed file, one removed
-    photo("coffee", 320).rotate(90, expand=True).save(photos / "chelsea.png")
-    (photos / "rocket.png").unlink()
-    report = index_folder(photos, index, CONF, remove_missing=True)
-    assert report.updated == 1 and report.removed == 1 and report.local_described == 1
-    with IndexStore.open(index) as store:
-        live = {r.id: r.content_hash for r in store.records("ok")}
-        with LocalFeatureStore(index, "sift", create=False) as local:
-            assert local.tags() == live  # removed image gone, updated one re-described
-            chelsea = store.find_path(str((photos / "chelsea.png").resolve()))
-            feats = local.get(chelsea.id)
-            assert feats["image_size"] == (213, 320)  # the rotated file, portrait now
-
-
-def test_an_interrupted_run_is_completed_by_the_next(collection, tmp_path):
-    index = _copy_index(collection, tmp_path)
-    with IndexStore.open(index, writable=True) as store:
-        ids = [r.id for r in store.records("ok")]
-        with LocalFeatureStore(index, "sift", create=False) as local:
-            local.remove(ids[:2])  # as if killed before these features were committed
-        assert sync_local(store) == 2
-        with LocalFeatureStore(index, "sift", create=False) as local:
-            assert sorted(local.tags()) == sorted(ids)
-
-
-def test_other_local_features_on_the_same_index_are_refused(collection, tmp_path):
-    index = _copy_index(collection, tmp_path)
-    with pytest.raises(ConfigError, match=r"max_keypoints=512.*max_keypoints=256"):
-        index_folder(
-            collection["base"] / "photos", index, CONF, local=SIFT.replace(max_keypoints=256)
-        )
-    searcher = Searcher(index, verify={"features": "orb"})
-    with searcher, pytest.raises(ConfigError, match="stores sift local features"):
-        searcher.search_files([collection["warped"]], 3, rerank=["verify"])
+def test_the_verifier_needs_the_providers_features():
+    with pytest.raises(ConfigError, match="differ"):
+        GeometricVerifier(SimpleNamespace(conf=SIFT), SIFT.replace(max_side=640))  # type: ignore[arg-type]
 
 
 # -- search with verification -----------------------------------------------------------------
 
 
+def verified(index: Path, queries: list, k: int, rerank=("verify",), verify=None):
+    """``(ranking, hits, the verify stage's timings)`` of one search."""
+    with Searcher.open(index, list(rerank), verify) as searcher:
+        ranking = searcher.search(queries, k)
+        hits = searcher.results(ranking)
+        timings = dict(searcher.stages[-1].timings) if "verify" in rerank else {}
+    return ranking, hits, timings
+
+
+def first_name(hits: list) -> str:
+    return Path(hits[0][0].path).name
+
+
 def test_verify_puts_the_warped_photo_first_with_many_inliers(collection):
-    with Searcher(collection["index"]) as searcher:
-        scores, ids, inliers = searcher.search_files_verified(
-            [collection["warped"]], k=5, rerank=["verify"]
-        )
-        hits = searcher.results(scores, ids)[0]
-        timings = dict(searcher.verifier.timings)
-    assert Path(hits[0].path).name == "astronaut.png"
-    assert inliers[0, 0] >= 30  # the true homography explains many matches
-    assert (inliers[0, 1:] < 15).all()  # unrelated photos: chance level
-    assert scores[0, 0] > 1.0  # similarity + a full verification bonus
+    ranking, hits, timings = verified(collection["index"], [collection["warped"]], 5)
+    assert first_name(hits) == "astronaut.png"
+    assert ranking.inliers[0, 0] >= 30  # the true homography explains many matches
+    assert (ranking.inliers[0, 1:] < 15).all()  # unrelated photos: chance level
+    assert ranking.scores[0, 0] > 1.0  # similarity + a full verification bonus
+    assert hits[0][0].inliers == ranking.inliers[0, 0]
     assert timings["features"] == 0.0  # all candidate features came from the store
     assert set(timings) == {"features", "load", "match", "ransac"}
 
 
 def test_verify_composes_with_descriptor_stages(collection):
-    with Searcher(collection["index"]) as searcher:
-        s, i, n = searcher.search_files_verified(
-            [collection["warped"]], k=3, rerank=["alpha-qe", "verify"]
-        )
+    query = Query(image=collection["warped"])
+    with Searcher.open(collection["index"], ["alpha-qe", "verify"]) as searcher:
+        got = searcher.search([query], k=3)
         # reference: the verify stage applied by hand to the alpha-qe ranking of all images
-        qe_s, qe_i = searcher.search_files([collection["warped"]], k=0, rerank=["alpha-qe"])
-        query = searcher.verifier.query_features(collection["warped"])
-        ref_s, ref_i, ref_n = searcher.verifier(query, qe_s[0], qe_i[0], 3)
-        top = Path(searcher.results(s, i)[0][0].path).name
+        qe = searcher.with_stages(["alpha-qe"]).search([query], k=0)
+        verifier = searcher.stages[-1]
+        ref = verifier(QueryContext(query, np.zeros(0, np.float32)), qe[0], 3)
+        top = Path(searcher.results(got)[0][0].path).name
+    assert [s.name for s in searcher.stages] == ["alpha-qe", "verify"]
     assert top == "astronaut.png"
-    assert i[0].tolist() == ref_i.tolist() and n[0].tolist() == ref_n.tolist()
-    np.testing.assert_allclose(s[0], ref_s, rtol=1e-6)
-    assert (n >= 0).all()  # budget 100 > k: every result returned was verified
+    assert (
+        got.ids[0].tolist() == ref.ids.tolist() and got.inliers[0].tolist() == ref.inliers.tolist()
+    )
+    np.testing.assert_allclose(got.scores[0], ref.scores, rtol=1e-6)
+    assert (got.inliers >= 0).all()  # budget 100 > k: every result returned was verified
 
 
 def test_k_all_and_a_small_budget_put_verified_results_first(collection):
-    with Searcher(collection["index"], verify={"budget": 2}) as searcher:
-        plain_s, plain_i = searcher.search_files([collection["warped"]], k=0)
-        s, i, n = searcher.search_files_verified([collection["warped"]], k=0, rerank=["verify"])
-    assert i.shape == (1, len(NAMES)) and sorted(i[0].tolist()) == sorted(plain_i[0].tolist())
+    plain, _, _ = verified(collection["index"], [collection["warped"]], 0, rerank=())
+    got, _, _ = verified(collection["index"], [collection["warped"]], 0, verify={"budget": 2})
+    s, i, n = got.scores, got.ids, got.inliers
+    assert i.shape == (1, len(NAMES)) and sorted(i[0].tolist()) == sorted(plain.ids[0].tolist())
     assert (n[0, :2] >= 0).all() and (n[0, 2:] == NOT_VERIFIED).all()
-    assert set(i[0, :2].tolist()) == set(plain_i[0, :2].tolist())  # the budget: top 2
-    assert i[0, 2:].tolist() == plain_i[0, 2:].tolist()  # the rest keep their order
-    np.testing.assert_allclose(s[0, 2:], plain_s[0, 2:], rtol=1e-6)
+    assert set(i[0, :2].tolist()) == set(plain.ids[0, :2].tolist())  # the budget: top 2
+    assert i[0, 2:].tolist() == plain.ids[0, 2:].tolist()  # the rest keep their order
+    np.testing.assert_allclose(s[0, 2:], plain.scores[0, 2:], rtol=1e-6)
     assert (np.diff(s[0]) <= 1e-6).all()  # sim_plus_inliers keeps scores descending
 
 
 def test_query_without_local_features_keeps_the_global_order(collection):
-    with Searcher(collection["index"]) as searcher:
-        feats = searcher.verifier.query_features(collection["flat"])
-        assert len(feats["keypoints"]) == 0
-        plain_s, plain_i = searcher.search_files([collection["flat"]], k=5)
-        s, i, n = searcher.search_files_verified([collection["flat"]], k=5, rerank=["verify"])
-    assert i.tolist() == plain_i.tolist()
-    np.testing.assert_allclose(s, plain_s, rtol=1e-6)  # sim + 0 bonus
-    assert n.tolist() == [[0] * 5]
+    with Searcher.open(collection["index"], ["verify"]) as searcher:
+        feats = searcher.stages[-1].features.of_query(Query(image=collection["flat"]))
+    assert len(feats["keypoints"]) == 0
+    plain, _, _ = verified(collection["index"], [collection["flat"]], 5, rerank=())
+    got, _, _ = verified(collection["index"], [collection["flat"]], 5)
+    assert got.ids.tolist() == plain.ids.tolist()
+    np.testing.assert_allclose(got.scores, plain.scores, rtol=1e-6)  # sim + 0 bonus
+    assert got.inliers.tolist() == [[0] * 5]
 
 
 def test_search_by_id_verifies_with_the_stored_features(collection):
-    with Searcher(collection["index"]) as searcher:
-        _, i, n = searcher.search_ids_verified([2], k=2, rerank=["verify"])
-    assert i[0, 0] == 2 and n[0, 0] > 200  # itself: every match an inlier
-    assert n[0, 1] < 15
+    got, _, timings = verified(collection["index"], [Query(id=2)], 2)
+    assert got.ids[0, 0] == 2 and got.inliers[0, 0] > 200  # itself: every match an inlier
+    assert got.inliers[0, 1] < 15
+    assert timings["features"] == 0.0  # the query's features too came from the store
 
 
 def test_cropped_query_is_detected_at_its_whole_image_scale(collection, tmp_path):
     big = tmp_path / "big.png"
     photo("astronaut", 640).save(big)  # twice the indexed size; the crop is its top-left
-    with Searcher(collection["index"]) as searcher:
-        feats = searcher.verifier.query_features(big, box=(0, 0, 320, 320))
-        s, i, n = searcher.search_files_verified([big], 1, [(0, 0, 320, 320)], rerank=["verify"])
-        top = Path(searcher.results(s, i)[0][0].path).name
+    query = Query(image=big, box=(0, 0, 320, 320))
+    with Searcher.open(collection["index"], ["verify"]) as searcher:
+        feats = searcher.stages[-1].features.of_query(query)
+        got = searcher.search([query], 1)
+        top = Path(searcher.results(got)[0][0].path).name
     assert feats["image_size"] == (320, 320)  # keypoints in pixels of the crop
     assert feats["keypoints"].max() < 320
-    assert top == "astronaut.png" and n[0, 0] >= 20
+    assert top == "astronaut.png" and got.inliers[0, 0] >= 20
 
 
 def test_empty_and_one_image_indexes(tmp_path):
     one = tmp_path / "one"
     write_photos(one, names=("coffee",))
     index_folder(one, tmp_path / "idx1", CONF, local=SIFT)
-    with Searcher(tmp_path / "idx1") as searcher:
-        _, i, n = searcher.search_files_verified([one / "coffee.png"], 3, rerank=["verify"])
-        (only,) = [r.id for r in searcher.store.records("ok")]
-    assert i.tolist() == [[only, -1, -1]] and n[0, 0] > 100 and n[0, 1:].tolist() == [-1, -1]
+    got, _, _ = verified(tmp_path / "idx1", [one / "coffee.png"], 3)
     with IndexStore.open(tmp_path / "idx1", writable=True) as store:
+        (only,) = [r.id for r in store.records("ok")]
+        n = got.inliers
+        assert got.ids.tolist() == [[only, -1, -1]] and n[0, 0] > 100
+        assert n[0, 1:].tolist() == [-1, -1]
         store.remove([only])
         sync_local(store)
         with LocalFeatureStore(store.path, "sift", create=False) as local:
             assert len(local) == 0
-    with Searcher(tmp_path / "idx1") as searcher:
-        _, i, n = searcher.search_files_verified([one / "coffee.png"], 3, rerank=["verify"])
-    assert i.tolist() == [[-1, -1, -1]] and n.tolist() == [[-1, -1, -1]]
+    got, _, _ = verified(tmp_path / "idx1", [one / "coffee.png"], 3)
+    assert got.ids.tolist() == [[-1, -1, -1]] and got.inliers.tolist() == [[-1, -1, -1]]
 
 
 def test_index_without_local_features_computes_and_caches_them(collection, tmp_path):
     index = tmp_path / "plain"
     index_folder(collection["base"] / "photos", index, CONF)
-    with Searcher(index, verify=SIFT) as searcher:
-        searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        first = searcher.verifier.timings["features"]
-    assert first > 0 and (index / "local" / "local.sqlite").exists()
-    with Searcher(index, verify=SIFT) as searcher:
-        s, i, _ = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        assert searcher.verifier.timings["features"] == 0.0  # all cached now
-        assert Path(searcher.results(s, i)[0][0].path).name == "astronaut.png"
+    _, _, timings = verified(index, [collection["warped"]], 5, verify=SIFT)
+    assert timings["features"] > 0 and (index / "local" / "local.sqlite").exists()
+    got, hits, timings = verified(index, [collection["warped"]], 5, verify=SIFT)
+    assert timings["features"] == 0.0  # all cached now
+    assert first_name(hits) == "astronaut.png"
     # removing an image forgets its lazily cached features too
+    top = int(got.ids[0, 0])
     with IndexStore.open(index, writable=True) as store:
-        store.remove([int(i[0, 0])])
+        store.remove([top])
         sync_local(store, compute=False)
         with LocalFeatureStore(index, "sift", create=False) as local:
-            assert int(i[0, 0]) not in local and len(local) == len(NAMES) - 1
+            assert top not in local and len(local) == len(NAMES) - 1
 
 
 def test_unwritable_index_keeps_computed_features_in_memory(collection, tmp_path, monkeypatch):
@@ -345,48 +413,57 @@ def test_unwritable_index_keeps_computed_features_in_memory(collection, tmp_path
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(index / "local"))
 
-    monkeypatch.setattr("lookalike.rerank.verify.open_local_store", refuse)
-    with Searcher(index, verify=SIFT) as searcher:
-        first = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        assert searcher.verifier.timings["features"] > 0
-        again = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        assert searcher.verifier.timings["features"] == 0.0  # from memory
+    monkeypatch.setattr("lookalike.local.provider.open_local_store", refuse)
+    with Searcher.open(index, ["verify"], SIFT) as searcher:
+        first = searcher.search([collection["warped"]], 5)
+        assert searcher.stages[-1].timings["features"] > 0
+        again = searcher.search([collection["warped"]], 5)
+        assert searcher.stages[-1].timings["features"] == 0.0  # from memory
     assert not (index / "local").exists()
-    for a, b in zip(first, again, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for name in ("scores", "ids", "inliers"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
 
 
 def test_a_store_that_refuses_writes_falls_back_to_memory(collection, tmp_path, monkeypatch):
     index = tmp_path / "plain"
     index_folder(collection["base"] / "photos", index, CONF)
-    with Searcher(index, verify=SIFT.replace(budget=2)) as searcher:  # creates local/, caches 2
-        searcher.search_files_verified([collection["warped"]], 2, rerank=["verify"])
+    verified(index, [collection["warped"]], 2, verify=SIFT.replace(budget=2))  # caches 2
 
     def readonly(*args, **kwargs):
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
     monkeypatch.setattr(LocalFeatureStore, "put_many", readonly)
-    with Searcher(index, verify=SIFT) as searcher:
-        s, i, _ = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        assert searcher.verifier.timings["features"] > 0  # 3 computed, kept in memory
-        again = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        assert searcher.verifier.timings["features"] == 0.0
-        assert Path(searcher.results(s, i)[0][0].path).name == "astronaut.png"
-    np.testing.assert_array_equal(again[1], i)
+    with Searcher.open(index, ["verify"], SIFT) as searcher:
+        got = searcher.search([collection["warped"]], 5)
+        assert searcher.stages[-1].timings["features"] > 0  # 3 computed, kept in memory
+        again = searcher.search([collection["warped"]], 5)
+        assert searcher.stages[-1].timings["features"] == 0.0
+        assert Path(searcher.results(got)[0][0].path).name == "astronaut.png"
+    np.testing.assert_array_equal(again.ids, got.ids)
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy shared 2-core machine more threads only spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_aliked_verification_when_the_weights_are_on_disk(tmp_path):
     if not WEIGHTS.is_file():
         pytest.skip(f"ALIKED weights {WEIGHTS} are missing")
-    photos = write_photos(tmp_path / "photos", names=("astronaut", "coffee", "rocket"))
-    conf = VerifyConf(weights=str(WEIGHTS), max_keypoints=256, max_side=320)
+    photos = write_photos(tmp_path / "photos", names=("astronaut", "coffee", "rocket"), side=256)
+    conf = VerifyConf(weights=str(WEIGHTS), max_keypoints=256, max_side=256)
     index_folder(tmp_path / "photos", tmp_path / "idx", CONF, local=conf)
     query = warp(photos[0], tmp_path / "q.png")
-    with Searcher(tmp_path / "idx") as searcher:  # weights path recorded in the index
-        s, i, n = searcher.search_files_verified([query], 3, rerank=["verify"])
-        top = Path(searcher.results(s, i)[0][0].path).name
-    assert top == "astronaut.png"
-    assert n[0, 0] >= 30 and (n[0, 1:] < 15).all()
+    got, hits, _ = verified(tmp_path / "idx", [query], 3)  # weights path recorded in the index
+    assert first_name(hits) == "astronaut.png"
+    assert got.inliers[0, 0] >= 30 and (got.inliers[0, 1:] < 15).all()
 
 
 # -- recognition ------------------------------------------------------------------------------
@@ -408,12 +485,15 @@ def test_recognize_with_inliers_confidence(tmp_path):
     known = warp(gallery / "coffee" / "coffee.png", queries / "coffee.png")
     stranger = tmp_path / "q" / "chelsea.png"
     photo("chelsea", 320).save(stranger)
-    with Searcher(tmp_path / "idx") as searcher:
-        with pytest.raises(ConfigError, match="needs geometric verification"):
-            Recognizer(searcher, k=3, confidence="inliers")
-        rec = Recognizer(searcher, k=3, confidence="inliers", rerank=["verify"])
-        right, wrong = rec.predict_files([known, stranger])
+    with (
+        Searcher.open(tmp_path / "idx") as searcher,
+        pytest.raises(ConfigError, match="needs geometric verification"),
+    ):
+        Recognizer(searcher, k=3, confidence="inliers")
+    with Searcher.open(tmp_path / "idx", ["verify"]) as searcher:
+        right, wrong = Recognizer(searcher, k=3, confidence="inliers").predict([known, stranger])
     assert right.label == "coffee" and right.confidence >= 30
+    assert right.neighbours[0].inliers == right.confidence  # the best verified neighbour
     assert wrong.confidence < 15 < right.confidence
 
 
@@ -505,79 +585,6 @@ def test_cli_match_errors(collection, tmp_path, capsys):
     assert rc == 2 and "no such file" in err
 
 
-def test_store_is_left_consistent_when_a_candidate_file_is_gone(collection, tmp_path):
-    photos = tmp_path / "photos"
-    shutil.copytree(collection["base"] / "photos", photos)
-    index_folder(photos, tmp_path / "idx", CONF)
-    (photos / "coffee.png").unlink()  # indexed, then deleted before any verification
-    with Searcher(tmp_path / "idx", verify=SIFT) as searcher:
-        s, i, n = searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        paths = [Path(h.path).name for h in searcher.results(s, i)[0]]
-    assert paths[0] == "astronaut.png"
-    assert n[0, paths.index("coffee.png")] == 0  # unreadable: no features, no inliers
-    with IndexStore.open(tmp_path / "idx") as store:
-        coffee = store.find_path(str((photos / "coffee.png").resolve())).id
-        live = {r.id: r.content_hash for r in store.records("ok")}
-    with LocalFeatureStore(tmp_path / "idx", "sift", create=False) as local:
-        tags = local.tags()
-    assert coffee not in tags  # not stored: the next indexing run settles the file
-    assert tags == {i: h for i, h in live.items() if i != coffee}
-    with pytest.raises(IndexStateError):
-        LocalFeatureStore(tmp_path / "idx", "orb", create=False)  # the store holds sift
-
-
-def test_changed_file_features_are_not_stored_under_the_old_hash(collection, tmp_path):
-    photos = tmp_path / "photos"
-    shutil.copytree(collection["base"] / "photos", photos)
-    index_folder(photos, tmp_path / "idx", CONF)
-    photo("chelsea", 320).save(photos / "coffee.png")  # changed after indexing
-    with Searcher(tmp_path / "idx", verify=SIFT) as searcher:
-        searcher.search_files_verified([collection["warped"]], 5, rerank=["verify"])
-        coffee = searcher.store.find_path(str((photos / "coffee.png").resolve())).id
-    with LocalFeatureStore(tmp_path / "idx", "sift", create=False) as local:
-        assert coffee not in local and len(local) == len(NAMES) - 1
-    report = index_folder(photos, tmp_path / "idx", CONF, local=SIFT)  # the next run settles it
-    assert report.updated == 1 and report.local_described == 1
-    with LocalFeatureStore(tmp_path / "idx", "sift", create=False) as local:
-        assert coffee in local
-
-
-def test_new_settings_after_deleting_the_local_features(collection, tmp_path):
-    index = _copy_index(collection, tmp_path)
-    photos = collection["base"] / "photos"
-    orb = VerifyConf(features="orb", max_side=320)
-    with pytest.raises(ConfigError, match=r"delete .*local"):
-        index_folder(photos, index, CONF, local=orb)
-    shutil.rmtree(index / "local")  # what the message says
-    report = index_folder(photos, index, CONF, local=orb)
-    assert report.local_described == len(NAMES)
-    with IndexStore.open(index) as store:
-        assert recorded_conf(store) == orb
-
-
-def test_local_features_cached_by_searches_give_way_to_index_local(collection, tmp_path):
-    index = tmp_path / "plain"
-    index_folder(collection["base"] / "photos", index, CONF)
-    orb = {"features": "orb", "max_side": 320, "budget": 2}
-    with Searcher(index, verify=orb) as searcher:
-        searcher.search_files_verified([collection["warped"]], 2, rerank=["verify"])
-    with LocalFeatureStore(index, "orb", create=False) as local:
-        assert len(local) == 2  # only the candidates verified
-    report = index_folder(collection["base"] / "photos", index, CONF, local=SIFT)
-    assert report.local_described == len(NAMES)
-    with LocalFeatureStore(index, "sift", create=False) as local:
-        assert len(local) == len(NAMES)
-
-
-def test_recorded_weights_are_kept_when_none_are_given(tmp_path):
-    write_photos(tmp_path / "p", names=("coffee",))
-    index_folder(tmp_path / "p", tmp_path / "idx", CONF)
-    with IndexStore.open(tmp_path / "idx", writable=True) as store:
-        record_conf(store, VerifyConf(weights="/models/aliked-n16.pth"))
-        record_conf(store, VerifyConf(budget=50))
-        assert recorded_conf(store) == VerifyConf(weights="/models/aliked-n16.pth", budget=50)
-
-
 # -- real data (slow) -------------------------------------------------------------------------
 
 
@@ -599,8 +606,8 @@ def test_real_oxford_query_verifies_its_landmark_not_another():
     from lookalike.local.matching import verify_pair
 
     extractor = conf.create_extractor()
-    verifier = GeometricVerifier(store=None, conf=conf, extractor=extractor)  # type: ignore[arg-type]
-    q = verifier.query_features(query.image, query.box)
+    features = IndexFeatures(None, conf, extractor)  # type: ignore[arg-type]
+    q = features.of_query(Query(image=query.image, box=query.box))
 
     def inliers(index: int) -> int:
         feats = extractor(np.asarray(load_image(ds.images[index])))

@@ -61,11 +61,14 @@ def cmd_eval(args: argparse.Namespace, ui: Ui) -> int:
 
 
 def show(value: object) -> str:
-    """A setting in a table cell: ``1, 2`` for sequences, ``a=1 b=2`` for dicts."""
+    """A setting in a table cell: ``1, 2`` for sequences, ``a=1 b=(c=2)`` for dicts."""
     if isinstance(value, list | tuple):
         return ", ".join(map(str, value))
     if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items())
+        return " ".join(
+            f"{k}=({show(v)})" if isinstance(v, dict) else f"{k}={show(v)}"
+            for k, v in value.items()
+        )
     return str(value)
 
 

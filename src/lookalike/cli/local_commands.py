@@ -15,20 +15,11 @@ def cmd_match(args: argparse.Namespace, ui: Ui) -> int:
     conf = local_conf(args.local, weights=args.local_weights)
     a, b = args.images
     result = match_files(a, b, conf, args.out)
-    v = result.verification
-    n0, n1 = (len(f["keypoints"]) for f in result.features)
     if args.json:
-        out = {
-            "images": [str(a), str(b)],
-            "features": conf.features,
-            "keypoints": [n0, n1],
-            "tentative": v.tentative,
-            "inliers": v.inliers,
-            "model": None if v.model is None else v.model.tolist(),
-            "png": None if result.png is None else str(result.png),
-        }
-        print(json.dumps(out))
+        print(json.dumps(result.to_dict()))
         return 0
+    v = result.verification
+    n0, n1 = result.to_dict()["keypoints"]
     print(f"{a} <-> {b}")
     print(f"  features   {conf.features}: {n0} and {n1} keypoints")
     print(f"  matches    {v.tentative} (mutual nearest neighbours, ratio {conf.ratio})")

@@ -37,7 +37,7 @@ def evaluate_dataset(
     dataset: RetrievalDataset,
     index_dir: Path,
     conf: ExtractConf,
-    index_conf: IndexConf = IndexConf(),
+    index_conf: IndexConf | None = None,
     k: int = 0,
     progress: StageProgress | None = None,
     *,
@@ -56,7 +56,8 @@ def evaluate_dataset(
         index_dir: index directory; created, or reused when built with the same settings
             (other settings are refused with an ``IndexStateError``).
         conf: descriptor settings.
-        index_conf: faiss structure of a new index.
+        index_conf: vector backend and structure of a new index (None: the default); a
+            reused index built with another is refused (None: its own).
         k: ranking depth searched per query; ``<= 0`` ranks the whole index.
         progress: called with ``("index", files done, files to do)`` after each committed
             chunk and ``("search", queries done, queries)`` after each query.
@@ -101,6 +102,7 @@ def evaluate_dataset(
     ) as searcher:
         # index id -> position in dataset.images; -1 for files of the index not in the dataset
         position = {str(Path(p).expanduser().resolve()): i for i, p in enumerate(dataset.images)}
+        structure = searcher.store.conf.to_dict()
         records = list(searcher.store.records(status="ok"))
         to_position = np.full(max((r.id for r in records), default=0) + 1, -1, dtype=np.int64)
         for record in records:
@@ -128,7 +130,7 @@ def evaluate_dataset(
         "dataset": dataset.name,
         "descriptor": conf.descriptor(),
         "query_rotations": list(conf.query_rotations),
-        "index": index_conf.to_dict(),
+        "index": structure,
         "images": len(dataset.images),
         "failed": len(report.failed),
         "metrics": {key: _finite_or_none(value) for key, value in metrics.items()},
@@ -152,10 +154,18 @@ def evaluate(
     progress: StageProgress | None = None,
     *,
     chunk: int = 32,
-    **options: object,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    pooling: str | None = None,
+    factory: str | None = None,
+    index_preset: str | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    workers: int | None = None,
 ) -> dict:
     """``lookalike eval`` in one call: load the benchmark, resolve the settings (the index's
-    own, or ``preset`` and ``options`` as for :func:`lookalike.indexing.resolve_settings`),
+    own, or ``preset`` and the options, as :func:`lookalike.indexing.resolve_settings` does),
     index into ``index_dir`` (a temporary directory when None) and score.
 
     Returns:
@@ -167,7 +177,19 @@ def evaluate(
     from lookalike.indexing.settings import resolve_settings
 
     dataset = load_dataset(kind, root)
-    settings = resolve_settings(index_dir, preset, **options)  # type: ignore[arg-type]
+    settings = resolve_settings(
+        index_dir,
+        preset,
+        model=model,
+        weights=weights,
+        image_size=image_size,
+        pooling=pooling,
+        factory=factory,
+        index_preset=index_preset,
+        backend=backend,
+        device=device,
+        workers=workers,
+    )
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
         target = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
         result = evaluate_dataset(

@@ -45,10 +45,11 @@ def remove_images(
     Raises:
         ConfigError: neither or both of ``ids`` and ``paths`` given.
     """
-    if bool(ids) == bool(paths):
+    if (len(ids) > 0) == (len(paths) > 0):  # len: ids may be a numpy array
         raise ConfigError("give either ids (--id IDS) or image PATHS to remove, not both")
     with IndexStore.open(index_dir, writable=True) as store:
-        if ids:
+        if len(ids) > 0:
+            ids = [int(i) for i in ids]
             asked, removed = len(set(ids)), store.remove(ids)
         else:
             asked = len(set(paths))

@@ -74,7 +74,7 @@ class IndexReport:
 def open_for_writing(
     index_dir: str | Path,
     conf: ExtractConf,
-    index_conf: IndexConf,
+    index_conf: IndexConf | None,
     extractor: Extractor | None,
     local: VerifyConf | None = None,
 ) -> tuple[IndexStore, Extractor | None]:
@@ -83,8 +83,10 @@ def open_for_writing(
     The model is loaded only to create a new index (its dimension is needed); for an
     existing one the returned extractor is ``extractor`` as given, possibly None, and is
     made later only if some file needs describing. A new index records ``conf``'s
-    query-time settings (rotations) as its search defaults. ``local`` is checked against
-    (and recorded as) the index's local-feature settings before any image is described.
+    query-time settings (rotations) as its search defaults and is built with ``index_conf``
+    (None: :class:`IndexConf`'s defaults); an existing one is checked against it (None: any
+    structure). ``local`` is checked against (and recorded as) the index's local-feature
+    settings before any image is described.
     """
     index_dir = Path(index_dir)
     if extractor is not None and extractor.conf.descriptor() != conf.descriptor():
@@ -105,7 +107,7 @@ def open_for_writing(
         index_dir,
         conf.descriptor(),
         extractor.dim,
-        index_conf,
+        index_conf or IndexConf(),
         exist_ok=True,
         query=conf.query_defaults(),
         weights_hash=extractor.backbone.weights_id,
@@ -129,7 +131,7 @@ def index_folder(
     image_dir: str | Path,
     index_dir: str | Path,
     conf: ExtractConf = ExtractConf(),
-    index_conf: IndexConf = IndexConf(),
+    index_conf: IndexConf | None = None,
     *,
     remove_missing: bool = False,
     labels: LabelSource | None = None,
@@ -147,7 +149,8 @@ def index_folder(
         image_dir: folder scanned recursively for images.
         index_dir: index directory; created on first use.
         conf: descriptor settings; an existing index built with others is refused.
-        index_conf: faiss structure for a new index.
+        index_conf: vector backend and structure of a new index (None: the default, exact
+            faiss); an existing index built with another is refused (None: its own).
         remove_missing: drop indexed files under ``image_dir`` that no longer exist.
         labels: labels for recognition (:mod:`lookalike.labels`): new and changed files get
             theirs as they are described, and the images of the folder that were already
@@ -184,7 +187,7 @@ def index_files(
     paths: Sequence[str | Path],
     index_dir: str | Path,
     conf: ExtractConf = ExtractConf(),
-    index_conf: IndexConf = IndexConf(),
+    index_conf: IndexConf | None = None,
     *,
     metadata: Callable[[Path], dict] | None = None,
     extractor: Extractor | None = None,
@@ -198,8 +201,8 @@ def index_files(
     Like :func:`index_folder` for an explicit list (a benchmark's database, say): new and
     changed files are described, unchanged ones skipped; files already indexed but not
     listed are left alone. Paths are resolved to absolute ones and duplicates dropped; a
-    missing or unreadable file is recorded as failed. ``local`` and ``local_progress`` as
-    for :func:`index_folder`.
+    missing or unreadable file is recorded as failed. ``index_conf``, ``local`` and
+    ``local_progress`` as for :func:`index_folder`.
 
     Raises:
         LookalikeError: ``paths`` is empty.

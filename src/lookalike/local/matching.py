@@ -6,8 +6,9 @@
   product per chunk of images (what verifying a shortlist costs).
 * :func:`verify`: a homography or fundamental matrix fitted by OpenCV's USAC (MAGSAC++ by
   default); the inlier count is the evidence that two images show the same object.
-* :func:`fuse_scores` / :func:`rerank`: combine global similarity and inliers into the score
-  a shortlist is re-ranked by (:data:`FUSIONS`).
+* :func:`fuse_scores`: combine global similarity and inliers into the score a shortlist is
+  re-ranked by (:data:`FUSIONS`; the ``verify`` stage, :mod:`lookalike.rerank.verify`, sorts
+  by it).
 
 Matches are ``(M, 2)`` int64 arrays of ``(index in image 0, index in image 1)`` pairs;
 :data:`MATCHES0` is LightGlue's per-keypoint form (:func:`matches_to_matches0`).

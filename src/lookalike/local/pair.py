@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,23 @@ class PairMatch:
     verification: Verification  # inliers, inlier matches, fitted model
     features: tuple[dict, dict]  # local features of image 0 and image 1 (original pixels)
     png: Path | None  # the overlay written, if asked for
+    paths: tuple[str, str] = ("", "")  # the two image files, as given
+    conf: VerifyConf = field(default_factory=VerifyConf)  # the settings they were matched with
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``lookalike match --json`` prints: images, features, keypoints per
+        image, tentative matches, inliers, the fitted 3 x 3 model (None when none) and the
+        overlay written."""
+        v = self.verification
+        return {
+            "images": list(self.paths),
+            "features": self.conf.features,
+            "keypoints": [len(f[KEYPOINTS]) for f in self.features],
+            "tentative": v.tentative,
+            "inliers": v.inliers,
+            "model": None if v.model is None else v.model.tolist(),
+            "png": None if self.png is None else str(self.png),
+        }
 
 
 def match_files(
@@ -69,4 +87,4 @@ def match_files(
             out_png,
             title=title,
         )
-    return PairMatch(result, (feats0, feats1), png)
+    return PairMatch(result, (feats0, feats1), png, (str(path0), str(path1)), conf)

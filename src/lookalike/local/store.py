@@ -10,7 +10,8 @@
 Which local features an index *keeps* (``index --local``) is recorded in the index manifest;
 ``local.sqlite`` only describes the bytes it stores, so that they are never decoded as
 something else. Stores of format 1 kept that description in ``local/manifest.json``: it is
-moved into ``local.sqlite`` the first time the store is opened from a writable directory.
+moved into ``local.sqlite`` the first time the store is opened from a writable directory
+(the names, the description, creation and that upgrade are in :mod:`lookalike.local.layout`).
 
 A record holds the ``n`` keypoints of one image, best score first (so its first ``k`` are its
 top ``k``), 8-byte aligned, in one contiguous range: reading an image is one slice of a
@@ -39,13 +40,9 @@ missing (see :meth:`LocalFeatureStore.get_many`).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,12 +50,27 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import ConfigError, IndexStateError
-from lookalike.local.encoding import RecordCodec, library_versions, storage_encoding
+from lookalike.local.encoding import RecordCodec
 from lookalike.local.features import default_local_settings, local_feature_class
+from lookalike.local.layout import (
+    DATA_NAME,
+    DB_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    LOCAL_DIR,
+    META_KEY,
+    OLD_MANIFEST_NAME,
+    check_description,
+    connect,
+    create_store,
+    damaged,
+    has_local_store,
+    read_description,
+    stored_extractor,
+    upgrade_description,
+)
 from lookalike.storage import (
     TMP_SUFFIX,
-    Database,
-    fsync_dir,
     remove_leftovers,
     switch_data_file,
     write_at,
@@ -67,87 +79,19 @@ from lookalike.storage import (
 
 logger = logging.getLogger(__name__)
 
-LOCAL_DIR = "local"
-OLD_MANIFEST_NAME = "manifest.json"  # format 1 kept the description here
-DB_NAME = "local.sqlite"
-DATA_NAME = "features.bin"
-FORMAT = "lookalike-local-features"
-FORMAT_VERSION = 2
-META_KEY = "meta"  # kv entry: JSON {format, format_version, extractor, storage, quantize, versions}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS features (
-    id INTEGER PRIMARY KEY,
-    offset INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    tag TEXT
-);
-"""
-
-
-def has_local_store(index_dir: str | Path) -> bool:
-    """Whether the index has a local feature store (of any format)."""
-    root = Path(index_dir) / LOCAL_DIR
-    return (root / DB_NAME).is_file() or (root / OLD_MANIFEST_NAME).is_file()
-
-
-def _damaged(root: Path) -> str:
-    return f"the local features are damaged, delete {root} and compute them again"
-
-
-def read_description(root: Path, conn: sqlite3.Connection | None = None) -> dict:
-    """What the store at ``root`` holds (its ``kv.meta``, or a format 1 ``manifest.json``).
-
-    Raises:
-        IndexStateError: unreadable, not a local feature store, or of a newer format.
-    """
-    try:
-        row = None
-        if conn is not None:
-            row = conn.execute("SELECT value FROM kv WHERE key = ?", (META_KEY,)).fetchone()
-        if row is not None:
-            meta = json.loads(row[0])
-        elif (root / OLD_MANIFEST_NAME).is_file():
-            meta = json.loads((root / OLD_MANIFEST_NAME).read_text(encoding="utf-8"))
-        else:
-            raise ValueError("no description")
-    except (OSError, ValueError, sqlite3.Error) as error:
-        raise IndexStateError(
-            f"cannot read what {root} holds ({error}); {_damaged(root)}"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise IndexStateError(f"{root} is not a lookalike local feature store")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise IndexStateError(
-            f"{root} has local feature format {meta['format_version']}; this lookalike reads up "
-            f"to {FORMAT_VERSION}: upgrade lookalike"
-        )
-    extractor = meta.get("extractor")
-    if not isinstance(extractor, dict) or not isinstance(extractor.get("name"), str):
-        raise IndexStateError(f"{root} names no local extractor; {_damaged(root)}")
-    return meta
-
-
-def stored_extractor(index_dir: str | Path) -> dict | None:
-    """The extractor settings of the local features of an index, None when it has none.
-
-    Raises:
-        IndexStateError: ``<index>/local`` exists but cannot be read.
-    """
-    if not has_local_store(index_dir):
-        return None
-    root = Path(index_dir).expanduser() / LOCAL_DIR
-    conn = None
-    if (root / DB_NAME).is_file():
-        db = Database(root / DB_NAME, damaged=_damaged(root))
-        conn = db.conn
-    try:
-        return read_description(root, conn)["extractor"]
-    finally:
-        if conn is not None:
-            conn.close()
+__all__ = [
+    "DATA_NAME",
+    "DB_NAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LOCAL_DIR",
+    "META_KEY",
+    "OLD_MANIFEST_NAME",
+    "LocalFeatureStore",
+    "has_local_store",
+    "read_description",
+    "stored_extractor",
+]
 
 
 class LocalFeatureStore:
@@ -195,13 +139,13 @@ class LocalFeatureStore:
                 raise IndexStateError(
                     f"index {index_dir} has no local features; build it with --local {name}"
                 )
-            self._create(settings or default_local_settings(name), bool(quantize))
-        self._db = self._connect(create=False)
+            create_store(self.root, settings or default_local_settings(name), bool(quantize))
+        self._db = connect(self.root, create=False)
         self._conn = self._db.conn
         try:
-            self.manifest = read_description(self.root, self._conn)
-            self._upgrade()
-            self._check(settings, quantize)
+            meta = read_description(self.root, self._conn)
+            self.manifest = upgrade_description(self._db, self.root, meta)
+            check_description(self.manifest, self.root, name, settings, quantize)
         except BaseException:
             self._db.close()
             raise
@@ -218,98 +162,6 @@ class LocalFeatureStore:
             np.dtype(storage["descriptors"]),
             storage["scale"],
         )
-
-    # -- opening ---------------------------------------------------------------------------
-
-    def _connect(
-        self, create: bool, root: Path | None = None, meta: dict | None = None
-    ) -> Database:
-        root = root or self.root
-        if not create and not (root / DB_NAME).exists() and (root / OLD_MANIFEST_NAME).exists():
-            raise IndexStateError(f"{root / DB_NAME} is missing; {_damaged(self.root)}")
-        initial: dict[str, object] = {"data_file": DATA_NAME, "data_end": 0, "gen": 0}
-        if meta is not None:
-            initial[META_KEY] = json.dumps(meta, sort_keys=True)
-        return Database(
-            root / DB_NAME, _SCHEMA, create=create, initial=initial, damaged=_damaged(self.root)
-        )
-
-    def _create(self, settings: dict, quantize: bool) -> None:
-        """Build the store in a scratch folder, then rename it into place (atomic).
-
-        Two processes creating it at once (e.g. searchers caching on first use) leave one
-        complete store: the loser's rename fails and it opens the winner's.
-        """
-        settings = json.loads(json.dumps(settings))
-        storage = storage_encoding(settings, quantize)
-        scratch = self.root.parent / f".{LOCAL_DIR}-{uuid.uuid4().hex}.partial"
-        scratch.mkdir()
-        try:
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "extractor": settings,
-                "storage": {**storage, "keypoints": "uint16", "scores": "float16"},
-                "quantize": bool(quantize),
-                "versions": library_versions(),
-            }
-            self._connect(create=True, root=scratch, meta=meta).close()
-            try:
-                os.rename(scratch, self.root)  # replaces only a missing or empty folder
-            except OSError:
-                if not has_local_store(self.root.parent):
-                    raise IndexStateError(
-                        f"{self.root} exists but is not a local feature store; move it away"
-                    ) from None
-                shutil.rmtree(scratch, ignore_errors=True)  # another process was first
-                return
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        fsync_dir(self.root.parent)
-        logger.info("created local feature store %s (%s)", self.root, settings["name"])
-
-    def _upgrade(self) -> None:
-        """Move a format 1 ``manifest.json`` into ``local.sqlite`` (where writable)."""
-        old = self.root / OLD_MANIFEST_NAME
-        if not old.exists():
-            return
-        meta = {**self.manifest, "format_version": FORMAT_VERSION}
-        try:
-            with self._write():
-                if self._kv(META_KEY) is None:
-                    self._set_kv(META_KEY, json.dumps(meta, sort_keys=True))
-            old.unlink()
-            fsync_dir(self.root)
-        except (OSError, sqlite3.Error) as error:  # a read-only directory: read the old file
-            logger.debug("local feature store %s not upgraded: %s", self.root, error)
-            return
-        self.manifest = meta
-        logger.info("moved %s into %s", old, DB_NAME)
-
-    def _check(self, settings: dict | None, quantize: bool | None) -> None:
-        built = self.manifest["extractor"]
-        hint = f"delete {self.root} to compute them again with the new settings"
-        if built.get("name") != self.name:
-            raise IndexStateError(
-                f"index {self.root.parent} holds {built.get('name')!r} local features, not "
-                f"{self.name!r}; use --local {built.get('name')}, or {hint}"
-            )
-        if settings is not None:
-            wanted = json.loads(json.dumps(settings))
-            diff = sorted(k for k in built.keys() | wanted.keys() if built.get(k) != wanted.get(k))
-            if diff:
-                have = ", ".join(f"{k}={built.get(k)!r}" for k in diff)
-                want = ", ".join(f"{k}={wanted.get(k)!r}" for k in diff)
-                raise IndexStateError(
-                    f"the {self.name} local features of {self.root.parent} were computed with "
-                    f"{have}; the requested extractor has {want}. Use the same settings, or {hint}"
-                )
-        if quantize is not None and bool(self.manifest.get("quantize")) != quantize:
-            raise IndexStateError(
-                f"the local features of {self.root.parent} were stored with quantize="
-                f"{self.manifest.get('quantize')}, requested quantize={quantize}; {hint}"
-            )
 
     def close(self) -> None:
         """Close the database and drop the memory map; the store is unusable afterwards."""
@@ -394,7 +246,7 @@ class LocalFeatureStore:
                 offset += len(record)
             # durable before the commit that references it
             data = b"".join(r for r, *_ in encoded)
-            write_at(self.root / name, data, end, _damaged(self.root))
+            write_at(self.root / name, data, end, damaged(self.root))
             self._conn.executemany(
                 "INSERT OR REPLACE INTO features(id, offset, n, width, height, tag) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
