@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -127,3 +130,34 @@ def filled(root: Path) -> tuple[Path, np.ndarray, list[int]]:
         ids = store.add(index_helpers.images(200), x)
         store.checkpoint()
     return root, x, ids
+
+
+@contextlib.contextmanager
+def read_only_view(folder: Path):
+    """``folder`` seen through a read-only bind mount (root), or made unwritable with chmod
+    (other users); skips where neither can stop this process from writing."""
+    target = folder.parent / f"{folder.name}-ro"
+    target.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        for cmd in (["mount", "--bind", str(folder), str(target)],
+                    ["mount", "-o", "remount,ro,bind", str(target)]):  # fmt: skip
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                subprocess.run(["umount", str(target)], capture_output=True)
+                target.rmdir()
+                pytest.skip("running as root without mount: cannot make a directory read-only")
+        mounted = True
+    else:
+        target.rmdir()
+        target = folder
+        target.chmod(0o555)
+    try:
+        if os.access(target, os.W_OK):
+            pytest.skip("the directory stays writable for this process")
+        yield target
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(target)], check=True)
+            target.rmdir()
+        else:
+            folder.chmod(0o755)

@@ -18,14 +18,14 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
-import rerank_fixture as fx  # noqa: E402
+import rerank_fixture as fx
 
-from lookalike.images import file_hash  # noqa: E402
-from lookalike.index import IndexStore, NewImage  # noqa: E402
-from lookalike.local.conf import VerifyConf  # noqa: E402
-from lookalike.local.sync import sync_local  # noqa: E402
-from lookalike.query import Query  # noqa: E402
-from lookalike.search import Searcher  # noqa: E402
+from lookalike.images import file_hash
+from lookalike.index import IndexStore, NewImage
+from lookalike.local.conf import VerifyConf
+from lookalike.local.sync import sync_local
+from lookalike.query import Query
+from lookalike.search import Searcher
 
 GOLDEN = Path(__file__).parent / "data" / "rerank_golden.npz"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_only_view
 from index_helpers import run_python
 
 import lookalike.storage as storage
@@ -326,3 +327,19 @@ def test_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
     lock.acquire()  # the kernel dropped the dead holder's lock: no stale lock file
     assert lock.held and (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
     lock.release()
+
+
+def test_a_database_in_a_read_only_directory_opens_read_only(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = Database(folder / "x.sqlite", create=True, initial={"n": 3})
+    db.close()  # the last connection closed: no WAL index file left to share
+    with read_only_view(folder) as ro:
+        reader = Database(ro / "x.sqlite")
+        try:
+            assert reader.read_only and reader.kv_int("n") == 3
+            with pytest.raises(sqlite3.OperationalError), reader.write():
+                reader.kv_set("n", 4)
+        finally:
+            reader.close()
+        assert sorted(p.name for p in ro.iterdir()) == ["x.sqlite"]  # nothing written

@@ -217,15 +217,16 @@ class Database:
     ) -> None:
         self.path = path
         self.damaged = damaged
+        self.read_only = False  # opened without write access (a read-only directory)
         if not create and not path.exists():
             raise IndexStateError(f"{path} is missing; {damaged}")
-        uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
         try:
-            # isolation_level=None: no implicit transactions, we issue BEGIN ourselves.
-            self.conn = sqlite3.connect(
-                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn = self._connect("rwc" if create else "rw")
+        except sqlite3.OperationalError as error:
+            if create or os.access(path.parent, os.W_OK):
+                raise IndexStateError(f"cannot open {path} ({error}); {damaged}") from None
+            self.conn = self._connect_read_only(error)
+        try:
             if create:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.executescript(
@@ -240,6 +241,41 @@ class Database:
             with contextlib.suppress(Exception):
                 self.conn.close()
             raise IndexStateError(f"cannot open {path} ({error}); {damaged}") from None
+
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        """A connection in ``mode`` (``rwc``, ``rw``, ``ro``, ``ro&immutable=1``), checked by
+        one read (SQLite opens lazily); ``DatabaseError`` for a damaged file."""
+        uri = f"{self.path.resolve().as_uri()}?mode={mode}"
+        # isolation_level=None: no implicit transactions, we issue BEGIN ourselves.
+        conn = sqlite3.connect(
+            uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            if not mode.startswith("ro"):
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as error:
+            conn.close()
+            if isinstance(error, sqlite3.OperationalError):
+                raise
+            raise IndexStateError(f"cannot open {self.path} ({error}); {self.damaged}") from None
+        return conn
+
+    def _connect_read_only(self, error: sqlite3.OperationalError) -> sqlite3.Connection:
+        """A directory this process cannot write: read-only, or, when SQLite cannot make
+        the WAL index file either (no writer has it open), immutable: the file is then
+        taken not to change while it is open, which a directory nobody here can write
+        guarantees for this process."""
+        self.read_only = True
+        for mode in ("ro", "ro&immutable=1"):
+            try:
+                conn = self._connect(mode)
+            except sqlite3.OperationalError as last:
+                error = last
+                continue
+            logger.debug("opened %s read-only (%s)", self.path, mode)
+            return conn
+        raise IndexStateError(f"cannot open {self.path} read-only ({error}); {self.damaged}")
 
     def close(self) -> None:
         self.conn.close()

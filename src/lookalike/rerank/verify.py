@@ -35,7 +35,13 @@ from lookalike.ranking import INLIERS, NOT_VERIFIED, Ranking
 
 logger = logging.getLogger(__name__)
 
-QUERY_FEATURES = "local_features"  # QueryContext.cache key of the query's features
+QUERY_FEATURES = "local_features"
+LOCAL_PRESET_KEYS = (
+    "features",
+    "max_keypoints",
+    "max_side",
+    "ratio",
+)  # what --local NAME sets  # QueryContext.cache key of the query's features
 
 
 def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str = "") -> VerifyConf:
@@ -49,6 +55,13 @@ def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str 
     base = recorded or VerifyConf()
     if conf is None:
         return base
+    if (
+        isinstance(conf, dict)
+        and recorded is not None
+        and conf.get("features") == recorded.features
+    ):
+        # naming the features the index keeps asks for nothing new: keep their sizes and ratio
+        conf = {k: v for k, v in conf.items() if k not in LOCAL_PRESET_KEYS}
     wanted = base.replace(**conf) if isinstance(conf, dict) else conf
     if recorded is not None and wanted.feature_settings() != recorded.feature_settings():
         raise ConfigError(
