@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from lookalike.cli.options import settings_options
 from lookalike.cli.ui import Ui, stdout_console
 
 DATASET_KINDS = ("oxford5k", "holidays", "paris6k", "folder")  # keys of evaluate.DATASETS
@@ -31,15 +32,7 @@ def cmd_eval(args: argparse.Namespace, ui: Ui) -> int:
             args.preset,
             progress=lambda stage, done, total: callbacks[stage](done, total),
             chunk=args.chunk,
-            model=args.model,
-            weights=args.weights,
-            image_size=args.image_size,
-            pooling=args.pooling,
-            factory=args.factory,
-            index_preset=args.index_preset,
-            backend=args.backend,
-            device=args.device,
-            workers=args.workers,
+            **settings_options(args),
         )
     from rich.table import Table
 

@@ -80,23 +80,23 @@ def add_descriptor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int_at_least(1), default=32, help=argparse.SUPPRESS)
 
 
+SETTINGS_OPTIONS = (  # resolve_settings keywords that add_descriptor_options names
+    "model", "weights", "image_size", "pooling", "factory", "index_preset", "backend",
+    "device", "workers",
+)  # fmt: skip
+
+
+def settings_options(args: argparse.Namespace) -> dict:
+    """The descriptor and structure options as :func:`lookalike.indexing.resolve_settings`
+    (and :func:`lookalike.evaluate.evaluate`) take them."""
+    return {name: getattr(args, name) for name in SETTINGS_OPTIONS}
+
+
 def settings_of(args: argparse.Namespace, index_dir: Path | None):  # -> Settings
     """The run's settings (:func:`lookalike.indexing.resolve_settings`) from the options."""
     from lookalike.indexing.settings import resolve_settings
 
-    return resolve_settings(
-        index_dir,
-        args.preset,
-        model=args.model,
-        weights=args.weights,
-        image_size=args.image_size,
-        pooling=args.pooling,
-        factory=args.factory,
-        index_preset=args.index_preset,
-        backend=args.backend,
-        device=args.device,
-        workers=args.workers,
-    )
+    return resolve_settings(index_dir, args.preset, **settings_options(args))
 
 
 def add_local_options(p: argparse.ArgumentParser, at_index: bool) -> None:
