@@ -46,6 +46,7 @@ from lookalike.extract import get_preset
 from lookalike.indexing import index_files
 from lookalike.labels import label_of, labels_from_csv
 from lookalike.local.conf import VERIFY_PRESETS, VerifyConf
+from lookalike.query import Query
 from lookalike.recognize import CONFIDENCE, DEFAULT_CONFIDENCE, DEFAULT_P, predict
 from lookalike.search import Hit, Searcher
 
@@ -130,22 +131,25 @@ def build(
 def search(index_dir: Path, queries: list[dict], rerank: tuple[str, ...] = ()) -> dict:
     """Top-SEARCH_K neighbours of every query (with their inliers when verified)."""
     queries = [dict(q) for q in queries]
-    with Searcher(index_dir) as searcher:
+    with Searcher.open(index_dir, rerank) as searcher:
+        items = [
+            Query(image=q["image"], box=tuple(q["box"]) if q["box"] else None) for q in queries
+        ]
         t = time.perf_counter()
-        scores, ids, inliers = searcher.search_files_verified(
-            [q["image"] for q in queries],
-            k=SEARCH_K,
-            boxes=[tuple(q["box"]) if q["box"] else None for q in queries],
-            rerank=rerank,
-        )
+        ranking = searcher.search(items, k=SEARCH_K)
         seconds = time.perf_counter() - t
-        results = searcher.results(scores, ids)
+        results = searcher.results(ranking)
         n_labelled = sum(label_of(r.metadata) is not None for r in searcher.store.records("ok"))
         gallery = len(searcher)
-    for q, hits, i_row, n_row in zip(queries, results, ids, inliers, strict=True):
-        by_id = {int(i): int(n) for i, n in zip(i_row, n_row, strict=True)}
+    for q, hits in zip(queries, results, strict=True):
         q["hits"] = [
-            [h.id, round(h.score, 6), h.path, label_of(h.metadata), by_id.get(h.id, -1)]
+            [
+                h.id,
+                round(h.score, 6),
+                h.path,
+                label_of(h.metadata),
+                -1 if h.inliers is None else h.inliers,
+            ]
             for h in hits
         ]
     return {

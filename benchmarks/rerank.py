@@ -13,14 +13,19 @@ extraction of the query's local features (``local_extract_ms``).
 
 The default preset indexes each data set once into ``--index-dir/<name>`` and describes its
 queries once (all rotations, cached beside the index), so reruns only pay for the searches.
-Every method then runs on the same first stage: the preset's rotated query views searched
-and fused (best score per image, rotated views penalised), as ``Searcher.search_files``
-does; the upright view's index-space descriptor is the query the stages expand. Rankings
-cover the whole index (k = all), as in ``evaluate_dataset``.
+Each data set gets one :class:`~lookalike.search.Searcher`, and every method is a sibling
+of it (:meth:`~lookalike.search.Searcher.with_stages`) sharing its stage state (one DBA per
+index). Queries go in as their cached raw views (``Query(vector=(R, D) views)``, upright
+first) and cached local features, so the Searcher runs exactly what an image query runs:
+the views searched and fused (best score per image, rotated views penalised), then the
+stages, which expand the upright view's index-space descriptor. Rankings cover the whole
+index (k = all), as in ``evaluate_dataset``.
 
-Latency is the mean wall time per query of the first-stage search plus the re-ranking,
-without the query's description (``extract_ms``, the same for every method, reported once).
-The one-off DBA computation is reported apart (``dba_build_ms``).
+Latency is the mean wall time per query of ``Searcher.search`` (first-stage search plus the
+re-ranking), without the query's description (``extract_ms``, the same for every method,
+reported once). The one-off DBA computation is reported apart (``dba_build_ms``: one
+``build_dba`` of the index, timed once per data set; the Searcher computes the DBA at most
+once and stores it in the index's ``dba.npz``, which later runs load).
 
 ``--tune`` sweeps ``n``, ``alpha`` and the DBA ``k`` on both data sets and prints the grid.
 Tuning on the test queries inflates the figures; the presets take settings that are good on
@@ -36,7 +41,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,23 +56,22 @@ from lookalike.index import IndexStore
 from lookalike.indexing import index_files
 from lookalike.local import LocalFeatureStore
 from lookalike.local.conf import VERIFY_PRESETS, VerifyConf
+from lookalike.local.provider import IndexFeatures
 from lookalike.local.sync import sync_local
+from lookalike.query import Query
 from lookalike.rerank import (
     DBA_PRESETS,
     QE_PRESETS,
-    RERANKERS,
+    STAGES,
+    VERIFY,
     DBAConf,
     DBARerank,
     QEConf,
     QueryExpansion,
-    Reranker,
-    create_reranker,
-    run_pipeline,
+    Stage,
+    build_dba,
 )
-from lookalike.rerank.verify import GeometricVerifier
-from lookalike.search import fuse_max
-
-Stages = list[Reranker]
+from lookalike.search import Searcher
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Prepared:
 
     index: Path  # the index directory
     views: np.ndarray  # (Q, R, D) float32 raw query descriptors, one per rotation
+    rotations: tuple[int, ...]  # (R,) the angle of each view, degrees
     extract_ms: float  # mean wall time to describe one query (all its rotations)
     local: list[dict] | None = None  # (Q,) query local features, with --verify
     local_extract_ms: float = 0.0  # mean wall time to detect one query's local features
@@ -98,16 +103,16 @@ def prepare_local(
     )
     timing = folder / "extract_ms.json"
     with IndexStore.open(prep.index) as store:
-        verifier = GeometricVerifier(store, conf)
+        features = IndexFeatures(store, conf)  # what a search detects for an image query
         times = []
         for q, query in enumerate(dataset.queries):
             if q not in queries:
                 start = time.perf_counter()
-                queries.put(q, verifier.query_features(query.image, query.box))
+                queries.put(q, features.of_query(Query(image=query.image, box=query.box)))
                 times.append(time.perf_counter() - start)
         if times:
             timing.write_text(json.dumps(1000.0 * float(np.mean(times))))
-        verifier.close()
+        features.close()
     prep.local = queries.get_many(range(len(dataset.queries)))
     prep.local_extract_ms = float(json.loads(timing.read_text())) if timing.exists() else 0.0
     queries.close()
@@ -129,77 +134,73 @@ def prepare(
     index = index_dir / dataset.name
     index_files(dataset.images, index, conf, extractor=extractor)
     cache = index_dir / f"{dataset.name}-queries.npz"
+    # upright first: the view the stages expand, as the Searcher takes (R, D) views
+    rotations = tuple(sorted(conf.query_rotations, key=lambda r: r % 360 != 0))
     # raw query descriptors do not depend on the whitening (the index applies it)
     raw = {k: v for k, v in conf.descriptor().items() if k != "whitening"}
-    key = json.dumps({"descriptor": raw, "rotations": conf.query_rotations})
+    key = json.dumps({"descriptor": raw, "rotations": list(rotations)})
     if cache.exists():
         with np.load(cache) as data:
             if str(data["key"]) == key and len(data["views"]) == len(dataset.queries):
-                return Prepared(index, data["views"], float(data["extract_ms"]))
+                return Prepared(index, data["views"], rotations, float(data["extract_ms"]))
     start = time.perf_counter()
-    views = np.stack(
-        [extractor.extract_query(q.image, q.box, conf.query_rotations) for q in dataset.queries]
-    )
+    views = np.stack([extractor.extract_query(q.image, q.box, rotations) for q in dataset.queries])
     extract_ms = 1000.0 * (time.perf_counter() - start) / len(dataset.queries)
     np.savez(cache, views=views, extract_ms=extract_ms, key=np.array(key))
-    return Prepared(index, views, extract_ms)
+    return Prepared(index, views, rotations, extract_ms)
 
 
 class Bench:
-    """One data set's index and queries, ready to score any re-ranking pipeline."""
+    """One data set's Searcher and queries, ready to score any re-ranking pipeline."""
 
-    def __init__(self, dataset: RetrievalDataset, prep: Prepared, conf: ExtractConf) -> None:
+    def __init__(
+        self,
+        dataset: RetrievalDataset,
+        prep: Prepared,
+        extractor: Extractor,
+        verify: VerifyConf | None = None,
+    ) -> None:
         self.dataset = dataset
         self.prep = prep
-        self.store = IndexStore.open(prep.index)  # read-only: DBA lives in memory only
+        self.verify = verify
+        self.dba_ms: dict[tuple[int, float], float] = {}  # see dba_build_ms
+        # read-only, as `lookalike search` opens it: a DBA is computed once and stored in
+        # dba.npz (the writer lock is free), or kept in memory
+        self.searcher = Searcher.open(prep.index, extractor=extractor)
+        store = self.searcher.store
         position = {str(Path(p).expanduser().resolve()): i for i, p in enumerate(dataset.images)}
-        records = list(self.store.records(status="ok"))
+        records = list(store.records(status="ok"))
         self.to_position = np.full(max(r.id for r in records) + 1, -1, dtype=np.int64)
         for record in records:
             self.to_position[record.id] = position.get(record.path, -1)
-        rotations = conf.query_rotations
-        self.upright = rotations.index(0) if 0 in rotations else 0
-        self.penalty = np.array(
-            [0.0 if r % 360 == 0 else conf.rotation_penalty for r in rotations], np.float32
-        )[:, None]
-        self._first: list[tuple[np.ndarray, np.ndarray]] = []
-        upright = prep.views[:, self.upright]
-        self.queries = self.store.index_space(np.ascontiguousarray(upright))
+        local = prep.local or [None] * len(dataset.queries)
+        self.queries = [
+            Query(vector=views, rotations=prep.rotations, features=feats, name=q.name)
+            for q, views, feats in zip(dataset.queries, prep.views, local, strict=True)
+        ]
 
-    def first_stage(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The fused multi-rotation ranking of one query, ``(N,)`` scores and ids."""
-        n = len(self.store)
-        scores, ids = self.store.search(views, n)
-        scores = scores - self.penalty
-        if len(views) == 1:
-            return scores[0], ids[0]
-        return fuse_max(scores, ids, n)
+    def searcher_for(self, names: Sequence[str]) -> Searcher:
+        """A sibling Searcher running the ``--rerank`` stages ``names``."""
+        verify = self.verify if VERIFY in names else None
+        return self.searcher.with_stages(names, verify)
 
-    def run(
-        self,
-        stages: Stages,
-        reuse_first_stage: bool = False,
-        verifier: GeometricVerifier | None = None,
-    ) -> dict:
-        """mAP (percent) and mean ms per query of the first stage followed by ``stages``
-        (and ``verifier``); ``reuse_first_stage`` takes the first-stage rankings from the
-        previous run (tuning)."""
+    def searcher_of(self, stages: Sequence[Stage]) -> Searcher:
+        """A sibling Searcher running ``stages`` (built by hand: custom settings)."""
+        s = self.searcher
+        return Searcher(s.store, None, stages, conf=s.conf, resources=s.resources)
+
+    def run(self, searcher: Searcher) -> dict:
+        """mAP (percent) and mean ms per query of ``searcher`` (first stage + its stages)."""
+        verifier = next((s for s in searcher.stages if s.name == VERIFY), None)
         rankings, elapsed = [], 0.0
         steps: dict[str, list[float]] = {"load": [], "match": [], "ransac": [], "features": []}
-        triples = zip(self.dataset.queries, self.prep.views, self.queries, strict=True)
-        for i, (query, views, q) in enumerate(triples):
+        for query, q in zip(self.dataset.queries, self.queries, strict=True):
             start = time.perf_counter()
-            if reuse_first_stage and i < len(self._first):
-                scores, ids = self._first[i]
-            else:
-                scores, ids = self.first_stage(views)
-                self._first[i : i + 1] = [(scores, ids)]
-            scores, ids = run_pipeline(stages, self.store, q, scores, ids, 0)
+            ids = searcher.search([q], k=0).ids[0]
+            elapsed += time.perf_counter() - start
             if verifier is not None:
-                scores, ids, _ = verifier(self.prep.local[i], scores, ids, 0)
                 for step, values in steps.items():
                     values.append(verifier.timings[step])
-            elapsed += time.perf_counter() - start
             ranking = self.to_position[ids[ids >= 0]]
             rankings.append(apply_exclusions(ranking[ranking >= 0], query))
         metrics = evaluate_rankings(
@@ -216,21 +217,37 @@ class Bench:
         return out
 
     def close(self) -> None:
-        self.store.close()
+        self.searcher.close()
 
 
-def warm(stages: Stages, store: IndexStore) -> float:
-    """Compute the DBA of the stages that need one; returns the time it took (ms)."""
-    start = time.perf_counter()
-    for stage in stages:
+def warm(searcher: Searcher) -> None:
+    """Bring the DBA of the stages that need one up to date before the timed queries (the
+    Searcher's first query would do it: loaded from ``dba.npz``, or computed once)."""
+    for stage in searcher.stages:
         if isinstance(stage, DBARerank):
-            stage.index_for(store)
-    return 1000.0 * (time.perf_counter() - start)
+            stage.state.current()
 
 
-METHODS: dict[str, Callable[[], Stages]] = {
-    "none": lambda: [],
-    **{name: (lambda name=name: [create_reranker(name)]) for name in RERANKERS},
+def dba_build_ms(searcher: Searcher, cache: dict[tuple[int, float], float]) -> float:
+    """Wall ms of one full computation of the DBA(s) the stages search (``build_dba`` on
+    the index, what the Searcher runs once when no ``dba.npz`` is stored); measured once per
+    ``(k, alpha)`` into ``cache``. 0 without a DBA stage."""
+    total = 0.0
+    for stage in searcher.stages:
+        if isinstance(stage, DBARerank):
+            key = (stage.state.k, stage.state.alpha)
+            if key not in cache:
+                start = time.perf_counter()
+                build_dba(searcher.resources.source, *key)
+                cache[key] = 1000.0 * (time.perf_counter() - start)
+            total += cache[key]
+    return total
+
+
+# --rerank lists: no re-ranking, then every descriptor-space stage alone
+METHODS: dict[str, list[str]] = {
+    "none": [],
+    **{name: [name] for name in STAGES if name != VERIFY},
 }
 # with --verify: these descriptor-space pipelines again, each followed by verification
 VERIFIED = ("none", "alpha-qe", "dba", "dba+alpha-qe")
@@ -240,19 +257,27 @@ def tune(benches: list[Bench]) -> list[dict]:
     """Sweep the settings of each stage on every data set; one row (mAP per data set) per
     setting. Runs faiss single-threaded: only mAP counts here, and one thread is faster for
     one query at a time on a small shared machine."""
-    grid: list[tuple[str, dict, Callable[[], Stages]]] = []
+    Make = Callable[[Bench], list[Stage]]
+    grid: list[tuple[str, dict, Make]] = []
+
+    def qe(conf: QEConf) -> Make:
+        return lambda b: [QueryExpansion(b.searcher.resources.source, conf, "qe")]
+
+    def dba(conf: DBAConf, name: str) -> Make:
+        return lambda b: [DBARerank(b.searcher.resources.dba(conf.k, conf.alpha), conf, name)]
+
     keeps = (False, True)
     for n, alpha, keep in itertools.product((1, 2, 3, 5, 7, 10), (0.0, 0.5, 1.0, 3.0), keeps):
         conf = QEConf(n, alpha, keep)
-        grid.append(("qe", asdict(conf), lambda c=conf: [QueryExpansion(c)]))
+        grid.append(("qe", asdict(conf), qe(conf)))
     for k, alpha, keep in itertools.product((2, 3, 5, 7, 10), (0.0, 0.5, 1.0, 3.0), keeps):
         conf = DBAConf(k, alpha, keep_first_stage=keep)
-        grid.append(("dba", asdict(conf), lambda c=conf: [DBARerank(c)]))
+        grid.append(("dba", asdict(conf), dba(conf, "dba")))
     for k, alpha, n, qe_alpha, source in itertools.product(
         (3, 5, 7), (0.5, 1.0), (2, 3, 5), (0.0, 0.5), ("first-stage", "dba")
     ):
         conf = DBAConf(k, alpha, qe=QEConf(n, qe_alpha), expand_from=source)
-        grid.append(("dba+qe", asdict(conf), lambda c=conf: [DBARerank(c)]))
+        grid.append(("dba+qe", asdict(conf), dba(conf, "dba+qe")))
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     rows = []
@@ -260,9 +285,9 @@ def tune(benches: list[Bench]) -> list[dict]:
         for stage, params, make in grid:
             row = {"stage": stage, **params}
             for bench in benches:
-                stages = make()
-                warm(stages, bench.store)
-                row[bench.dataset.name] = bench.run(stages, reuse_first_stage=True)["mAP"]
+                searcher = bench.searcher_of(make(bench))
+                warm(searcher)
+                row[bench.dataset.name] = bench.run(searcher)["mAP"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -304,28 +329,28 @@ def main() -> None:
     benches = []
     for name in args.datasets.split(","):
         dataset = load_dataset(name, args.data / name)
-        bench = Bench(dataset, prepare(dataset, args.index_dir, conf, extractor), conf)
+        prep = prepare(dataset, args.index_dir, conf, extractor)
+        if args.verify:
+            prepare_local(dataset, args.index_dir, prep, verify_conf)
+        bench = Bench(dataset, prep, extractor, verify_conf if args.verify else None)
         benches.append(bench)
-        if args.verify:
-            prepare_local(dataset, args.index_dir, bench.prep, verify_conf)
         base = None
-        runs = [(method, make, False) for method, make in METHODS.items()]
+        runs = [(method, names, False) for method, names in METHODS.items()]
         if args.verify:
-            runs += [(m, METHODS[m], True) for m in VERIFIED]
-        for method, make, verified in runs:
-            stages = make()
-            build_ms = warm(stages, bench.store)
-            verifier = GeometricVerifier(bench.store, verify_conf) if verified else None
-            res = bench.run(stages, verifier=verifier)
+            runs += [(m, [*METHODS[m], VERIFY], True) for m in VERIFIED]
+        for method, names, verified in runs:
+            searcher = bench.searcher_for(names)
+            warm(searcher)
+            build_ms = dba_build_ms(searcher, bench.dba_ms)
+            res = bench.run(searcher)
             base = res["mAP"] if base is None else base
             label = ("" if method == "none" else method + ",") + "verify" if verified else method
             row = {"dataset": name, "method": label, **res, "gain": round(res["mAP"] - base, 2)}
-            if build_ms > 1:
+            if build_ms > 0:
                 row["dba_build_ms"] = round(build_ms, 1)
             row["extract_ms"] = round(bench.prep.extract_ms, 1)
             if verified:
                 row["local_extract_ms"] = round(bench.prep.local_extract_ms, 1)
-                verifier.close()
             report["results"].append(row)
             steps = (
                 "  verify " + " ".join(f"{k} {v:.0f}" for k, v in res["verify_ms"].items())

@@ -55,6 +55,7 @@ from lookalike.local import (
 )
 from lookalike.local.features import RootSIFTExtractor, root_sift
 from lookalike.local.matching import match_many, verify
+from lookalike.query import Query
 from lookalike.search import Searcher
 
 logger = logging.getLogger("verify")
@@ -74,7 +75,9 @@ def global_ranking(dataset, out: Path) -> dict:
     index_dir = out / "global-index"
     index_files(dataset.images, index_dir, conf, IndexConf(), extractor=extractor)
     scores, ids, times = [], [], []
-    with Searcher(index_dir, conf.runtime, conf.device, extractor=extractor) as searcher:
+    with Searcher.open(
+        index_dir, runtime=conf.runtime, device=conf.device, extractor=extractor
+    ) as searcher:
         position = {str(Path(p).resolve()): i for i, p in enumerate(dataset.images)}
         records = list(searcher.store.records(status="ok"))
         to_position = np.full(max(r.id for r in records) + 1, -1, np.int64)
@@ -82,12 +85,12 @@ def global_ranking(dataset, out: Path) -> dict:
             to_position[record.id] = position.get(record.path, -1)
         for query in dataset.queries:
             start = time.perf_counter()
-            s, i = searcher.search_files(
-                [query.image], k=0, boxes=[query.box], rotations=conf.query_rotations
+            ranking = searcher.search(
+                [Query(image=query.image, box=query.box)], k=0, rotations=conf.query_rotations
             )
             times.append(time.perf_counter() - start)
-            scores.append(s[0])
-            ids.append(i[0])
+            scores.append(ranking.scores[0])
+            ids.append(ranking.ids[0])
     result = {
         "scores": np.stack(scores),
         "ids": np.stack(ids),

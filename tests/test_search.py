@@ -487,6 +487,25 @@ def test_kept_in_memory_when_it_cannot_be_stored(
         assert reader.manifest.dba is None
 
 
+def test_a_dba_of_other_settings_never_replaces_the_one_the_index_keeps(
+    closed, computations: list[int]
+) -> None:
+    """A tuning run's DBA (other k / alpha) stays in memory: the index keeps its own."""
+    with Searcher.open(closed, rerank=["dba"]) as s:
+        s.search([1], k=3)
+        kept = (closed / DBA_NAME).read_bytes()
+        other = DBARerank(s.resources.dba(3, 0.5), DBAConf(k=3, alpha=0.5), "dba")
+        tuned = Searcher(s.store, None, [other], conf=s.conf, resources=s.resources)
+        tuned.search([1], k=3)
+        assert not other.state.stored and len(computations) == 2
+    assert (closed / DBA_NAME).read_bytes() == kept
+    with IndexStore.open(closed) as reader:
+        assert reader.manifest.dba == DBASettings(5, 1.0)
+    with Searcher.open(closed, rerank=["dba"]) as s:
+        s.search([1], k=3)
+        assert s.resources.dba(5, 1.0).computed == 0 and len(computations) == 2
+
+
 def test_a_reader_follows_another_writer_incrementally(closed, computations: list[int]) -> None:
     with Searcher.open(closed, rerank=["dba"]) as s:
         s.search([1], k=3)

@@ -151,9 +151,20 @@ class DBAState:
         return index
 
     def _persist(self, index: DBAIndex) -> bool:
-        """Store ``index`` and record it in the manifest, if the writer lock is free."""
+        """Store ``index`` and record it in the manifest, if the writer lock is free and the
+        index keeps no DBA of other settings (one ``dba.npz`` per index: a DBA made with
+        other ``k``/``alpha``, a tuning run's, never replaces the one the index keeps)."""
         with self.store.try_writer() as ok:
             if not ok:
+                return False
+            recorded = self.store.manifest.dba
+            if recorded is not None and recorded != DBASettings(self.k, self.alpha):
+                logger.info(
+                    "index %s keeps a DBA with k=%d alpha=%g: this one stays in memory",
+                    self.store.path,
+                    recorded.k,
+                    recorded.alpha,
+                )
                 return False
             try:
                 index.save(self.store.path / DBA_NAME, unique=not self.store.writable)
