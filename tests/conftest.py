@@ -161,3 +161,19 @@ def read_only_view(folder: Path):
             target.rmdir()
         else:
             folder.chmod(0o755)
+
+
+@pytest.fixture
+def computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the full DBA computations (``DBAIndex.compute`` calls) of this process."""
+    calls: list[int] = []
+    from lookalike.rerank.dba import DBAIndex
+
+    compute = DBAIndex.compute.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, source, k, alpha, live):  # type: ignore[no-untyped-def]
+        calls.append(len(live.ids))
+        return compute(cls, source, k, alpha, live)
+
+    monkeypatch.setattr(DBAIndex, "compute", classmethod(counting))
+    return calls

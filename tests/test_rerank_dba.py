@@ -123,20 +123,6 @@ def incremental(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dba_module, "FULL_REBUILD_FRACTION", 10.0)
 
 
-@pytest.fixture
-def computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the full DBA computations (``DBAIndex.compute`` calls) of this process."""
-    calls: list[int] = []
-    compute = DBAIndex.compute.__func__  # type: ignore[attr-defined]
-
-    def counting(cls, source, k, alpha, live):  # type: ignore[no-untyped-def]
-        calls.append(len(live.ids))
-        return compute(cls, source, k, alpha, live)
-
-    monkeypatch.setattr(DBAIndex, "compute", classmethod(counting))
-    return calls
-
-
 # -- functional ------------------------------------------------------------------------------
 
 
@@ -352,10 +338,10 @@ def test_saved_reloaded_and_synced(store: IndexStore, computations: list[int]) -
     reloaded = load(store)
     assert reloaded is not None and reloaded.is_current()
     assert_matches_scratch(reloaded, store)
-    # other settings: computed and stored instead
+    # other settings: computed, but kept in memory: the index keeps the DBA it records
     other = DBAState(store, 5, 0.0)
-    assert (other.current().k, other.computed) == (5, 1)
-    assert load(store).k == 5 and store.manifest.dba == DBASettings(5, 0.0)  # type: ignore[union-attr]
+    assert (other.current().k, other.computed, other.stored) == (5, 1, False)
+    assert load(store).k == 3 and store.manifest.dba == DBASettings(3, 3.0)  # type: ignore[union-attr]
 
 
 def test_a_writer_stores_what_it_follows(store: IndexStore, computations: list[int]) -> None:

@@ -394,20 +394,6 @@ def closed(vectors):
     return vectors[0]
 
 
-@pytest.fixture
-def computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the full DBA computations (``DBAIndex.compute`` calls) of this process."""
-    calls: list[int] = []
-    compute = DBAIndex.compute.__func__  # type: ignore[attr-defined]
-
-    def counting(cls, source, k, alpha, live):  # type: ignore[no-untyped-def]
-        calls.append(len(live.ids))
-        return compute(cls, source, k, alpha, live)
-
-    monkeypatch.setattr(DBAIndex, "compute", classmethod(counting))
-    return calls
-
-
 NEW_PROCESS = """
 import sys
 from lookalike.search import Searcher
