@@ -149,6 +149,9 @@ def assert_same(
 
 def test_registry_matches_the_conf_names() -> None:
     assert tuple(BACKENDS) == BACKEND_NAMES
+    from lookalike.cli.options import BACKEND_CHOICES
+
+    assert BACKEND_CHOICES == BACKEND_NAMES
     for name, cls in BACKENDS.items():
         assert cls.name == name
         backend = create_backend(IndexConf(backend=name), D)

@@ -559,3 +559,20 @@ def test_importing_the_index_does_not_import_torch() -> None:
     child = run_python("import sys, lookalike.index; print('torch' in sys.modules)")
     out, err = child.communicate(timeout=60)
     assert out.strip() == "False", err
+
+
+def test_a_readers_own_search_params_never_reach_the_manifest(root: Path) -> None:
+    from lookalike.index.manifest import DBASettings, read_manifest
+
+    x = unit(40)
+    with IndexStore.create(root, DESCRIPTOR, D, IndexConf(factory="HNSW32")) as store:
+        store.add(images(40), x)
+        store.checkpoint()
+    with IndexStore.open(root) as reader:
+        reader.set_search_params(ef_search=7)  # this reader's own
+        with reader.try_writer() as ok:
+            assert ok
+            reader.update_manifest(dba=DBASettings(5, 1.0))  # what a searcher records
+        assert reader.conf.ef_search == 7  # still its own
+    on_disk = read_manifest(root)
+    assert on_disk.index.ef_search == 128 and on_disk.dba == DBASettings(5, 1.0)

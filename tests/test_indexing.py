@@ -436,25 +436,17 @@ def test_an_existing_index_keeps_its_own_settings(tmp_path, make_images, default
     assert resolve_settings(index, index_preset="exact").index == IndexConf()
 
 
-def flat_keys(descriptor: dict) -> set[str]:
-    out = set()
-    for key, value in descriptor.items():
-        if isinstance(value, dict):
-            out |= {f"{key}.{k}" for k in value}
-        else:
-            out.add(key)
-    return out
-
-
 def differing(a: dict, b: dict) -> list[str]:
-    keys = flat_keys(a) | flat_keys(b)
-
-    def get(d: dict, key: str) -> object:
-        head, _, tail = key.partition(".")
-        value = d.get(head)
-        return value.get(tail) if tail and isinstance(value, dict) else value
-
-    return sorted(k for k in keys if get(a, k) != get(b, k))
+    """The keys the message must name: nested ones where both sides hold a dict, the whole
+    setting where one side does not (``whitening=null`` against a dict)."""
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{key}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(key)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -484,3 +476,22 @@ def test_other_descriptor_settings_are_refused_naming_every_difference(small_ind
     assert all(f"{key}=" in message for key in named), (named, message)
     assert "\n" not in message and "new --index directory" in message
     assert index_info(index)["counts"]["ok"] == 6  # nothing changed
+
+
+def test_a_run_given_no_settings_uses_the_index_own(tmp_path: Path) -> None:
+    """``index_folder(dir, index)`` is ``lookalike index DIR --index ...`` without options:
+    an index built with another preset is synced, not refused; a new one is ``default``."""
+    from lookalike.indexing import index_files
+
+    folder = tmp_path / "images"
+    write_images(folder, 3, side=64)
+    fast = get_preset("fast").replace(workers=0)
+    index_folder(folder, tmp_path / "index", fast)
+    write_images(folder / "more", 2, side=72)
+    report = index_folder(folder, tmp_path / "index")
+    assert (report.added, report.unchanged) == (2, 3)
+    extra = write_images(tmp_path / "extra", 1, side=80)
+    assert index_files(extra, tmp_path / "index").added == 1
+    with IndexStore.open(tmp_path / "index") as store:
+        assert store.manifest.descriptor == fast.descriptor() and len(store) == 6
+    assert resolve_settings(tmp_path / "new").extract == get_preset("default")

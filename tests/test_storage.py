@@ -343,3 +343,23 @@ def test_a_database_in_a_read_only_directory_opens_read_only(tmp_path: Path) -> 
         finally:
             reader.close()
         assert sorted(p.name for p in ro.iterdir()) == ["x.sqlite"]  # nothing written
+
+
+def test_a_read_only_copy_with_unapplied_wal_commits_is_refused(tmp_path: Path) -> None:
+    """Opened immutable, SQLite would read the main file only: refuse rather than lie."""
+    import shutil
+
+    live = tmp_path / "live"
+    live.mkdir()
+    db = Database(live / "x.sqlite", create=True, initial={"n": 1})
+    db.conn.execute("PRAGMA wal_autocheckpoint=0")
+    with db.write():
+        db.kv_set("n", 2)  # committed, but only in x.sqlite-wal
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    shutil.copy(live / "x.sqlite", folder / "x.sqlite")
+    shutil.copy(live / "x.sqlite-wal", folder / "x.sqlite-wal")  # a copy without the -shm
+    db.close()
+    assert (folder / "x.sqlite-wal").stat().st_size > 0
+    with read_only_view(folder) as ro, pytest.raises(IndexStateError, match=r"x\.sqlite-wal"):
+        Database(ro / "x.sqlite")

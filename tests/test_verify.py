@@ -171,13 +171,9 @@ def test_local_conf_errors(args, kwargs, message):
 
 def test_verify_changes_name_only_what_a_search_changes(tmp_path):
     assert verify_changes() == {}
-    rootsift = VERIFY_PRESETS["rootsift"]
-    assert verify_changes("rootsift") == {
-        "features": "rootsift",
-        "max_keypoints": rootsift.max_keypoints,
-        "max_side": rootsift.max_side,
-        "ratio": rootsift.ratio,
-    }
+    assert verify_changes("rootsift") == {"features": "rootsift"}
+    with pytest.raises(ConfigError, match="rootsift"):
+        verify_changes("surf")
     assert verify_changes(budget=7, fusion="inliers", device="cpu") == {
         "budget": 7,
         "fusion": "inliers",
@@ -617,3 +613,20 @@ def test_real_oxford_query_verifies_its_landmark_not_another():
     others = [inliers(i) for i in other.positives[:4]]
     assert sum(n >= 30 for n in positives) >= 4, positives
     assert max(others) < 15, others
+
+
+def test_resolve_conf_applies_explicit_settings_and_presets_only_where_needed():
+    from lookalike.index.manifest import Manifest, ModelIdentity
+    from lookalike.rerank.verify import resolve_conf
+
+    kept = Manifest({"model": "m"}, 8, ModelIdentity("m"), local=VerifyConf(features="orb"))
+    assert resolve_conf(kept, {"features": "orb", "ratio": 0.7}).ratio == 0.7
+    assert resolve_conf(kept, {"features": "orb"}) == VerifyConf(features="orb")
+    with pytest.raises(ConfigError, match="64 keypoints"):
+        resolve_conf(kept, {"features": "orb", "max_keypoints": 64})
+    with pytest.raises(ConfigError, match="stores orb"):
+        resolve_conf(kept, {"features": "sift"})
+    bare = Manifest({"model": "m"}, 8, ModelIdentity("m"))
+    got = resolve_conf(bare, {"features": "rootsift", "budget": 7})
+    assert got == VERIFY_PRESETS["rootsift"].replace(budget=7)
+    assert resolve_conf(bare, None) == VerifyConf()

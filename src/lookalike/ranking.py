@@ -126,12 +126,30 @@ def fuse_max(scores: np.ndarray, ids: np.ndarray, k: int) -> Ranking:
     Returns:
         The ``(k,)`` ranking, best first (ties by id), padded with ``-inf`` / ``-1``.
     """
-    best: dict[int, float] = {}
-    for s, i in zip(scores.ravel(), ids.ravel(), strict=True):
-        if i >= 0 and s > best.get(int(i), -np.inf):
-            best[int(i)] = float(s)
-    order = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    out = Ranking.empty(k)
-    for j, (i, s) in enumerate(order):
-        out.scores[j], out.ids[j] = s, i
-    return out
+    return Ranking(*best_per_id(np.ravel(scores), np.ravel(ids), k))
+
+
+def best_per_id(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best ids of a flat list of candidates, each with its highest score.
+
+    Args:
+        scores: ``(m,)`` scores; ids: ``(m,)`` int64, ``-1`` entries ignored (an id may
+            appear several times: views of one query, or two rankings merged).
+        k: results kept.
+
+    Returns:
+        ``(k,)`` float32 scores and int64 ids, best first (ties: lower id first), padded
+        with ``-inf`` / ``-1``.
+    """
+    s = np.asarray(scores, np.float32).reshape(-1)
+    i = np.asarray(ids, np.int64).reshape(-1)
+    keep = i >= 0
+    s, i = s[keep], i[keep]
+    order = np.lexsort((i, -s))  # best score first, so each id's first occurrence is its best
+    s, i = s[order], i[order]
+    _, first = np.unique(i, return_index=True)
+    first = np.sort(first)[:k]
+    out_s = np.full(k, -np.inf, dtype=np.float32)
+    out_i = np.full(k, -1, dtype=np.int64)
+    out_s[: len(first)], out_i[: len(first)] = s[first], i[first]
+    return out_s, out_i

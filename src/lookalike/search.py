@@ -116,6 +116,7 @@ class Searcher:
                 )
             self._extractor = _LazyExtractor(store, self.conf, extractor)
         self.stages: list[Stage] = list(stages)
+        self._owns_resources = resources is None
         self.resources = resources or StageResources(store)
         self._close_store = close_store
 
@@ -162,8 +163,10 @@ class Searcher:
         )
 
     def close(self) -> None:
-        if self._close_store:
+        """Release the stage state this searcher made, and the store it opened."""
+        if self._owns_resources or self._close_store:
             self.resources.close()
+        if self._close_store:
             self.store.close()
 
     def __enter__(self) -> Searcher:

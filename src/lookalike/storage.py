@@ -268,6 +268,15 @@ class Database:
         guarantees for this process."""
         self.read_only = True
         for mode in ("ro", "ro&immutable=1"):
+            wal = self.path.with_name(f"{self.path.name}-wal")
+            if "immutable" in mode and wal.exists() and wal.stat().st_size > 0:
+                # immutable reads the main file only: committed changes still in the WAL
+                # would be silently missing
+                raise IndexStateError(
+                    f"cannot open {self.path} read-only: its directory is not writable and "
+                    f"{wal.name} holds commits a read-only reader cannot apply; open it once "
+                    "where it is writable (any lookalike command checkpoints it)"
+                )
             try:
                 conn = self._connect(mode)
             except sqlite3.OperationalError as last:

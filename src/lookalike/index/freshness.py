@@ -97,18 +97,19 @@ class FreshnessMixin:
             yield False
             return
         unseen = True
+        local = self._manifest.index  # search parameters this reader set for itself
         try:
             with self._mutex:
                 # commits of others not yet refreshed must still be seen by the next search
                 unseen = self._change_token() != self._token
-                self._manifest = read_complete(self.path, self._db).replace(
-                    index=self._manifest.index
-                )
+                # what is on disk, so that a write records nothing of this reader's own
+                self._manifest = read_complete(self.path, self._db)
                 self._brief = True
             yield True
         finally:
             with self._mutex:
                 self._brief = False
+                self._manifest = self._manifest.replace(index=local)
                 if not unseen:  # only this write changed the manifest
                     self._token = self._change_token()
             lock.release()

@@ -397,15 +397,16 @@ def parse_local(value: object) -> VerifyConf | None:
     return VerifyConf.from_dict(value)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+def _differences(a: object, b: object, name: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, a's value, b's value)`` where two settings differ; dicts on both sides
+    are compared key by key, anything else (``null`` against a dict, say) as a whole."""
+    if isinstance(a, dict) and isinstance(b, dict) and (a or b):
+        out = []
+        for key in sorted(a.keys() | b.keys()):
+            sub = f"{name}.{key}" if name else str(key)
+            out += _differences(a.get(key, _MISSING), b.get(key, _MISSING), sub)
+        return out
+    return [] if a == b else [(name, a, b)]
 
 
 _MISSING = object()
@@ -425,12 +426,11 @@ def incompatibility(root: Path, built: dict, requested: dict) -> str | None:
         built: settings recorded in the manifest (descriptor keys plus ``factory``/``dim``).
         requested: the same keys as the caller asks for them now.
     """
-    a, b = _flatten(built), _flatten(requested)
-    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k, _MISSING) != b.get(k, _MISSING)]
-    if not keys:
+    diff = _differences(built, requested)
+    if not diff:
         return None
-    have = ", ".join(f"{k}={_show(a.get(k, _MISSING))}" for k in keys)
-    want = ", ".join(f"{k}={_show(b.get(k, _MISSING))}" for k in keys)
+    have = ", ".join(f"{k}={_show(a)}" for k, a, _ in diff)
+    want = ", ".join(f"{k}={_show(b)}" for k, _, b in diff)
     return (
         f"index {root} was built with {have}; the requested settings have {want}. "
         "Use the same preset or a new --index directory."

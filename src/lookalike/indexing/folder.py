@@ -120,6 +120,16 @@ def open_for_writing(
     return store, extractor
 
 
+def _own_settings(index_dir: str | Path, extractor: Extractor | None) -> ExtractConf:
+    """The descriptor settings of a run given none: the extractor's, the index's own, or the
+    default preset (:func:`lookalike.indexing.resolve_settings`)."""
+    if extractor is not None:
+        return extractor.conf
+    from lookalike.indexing.settings import resolve_settings
+
+    return resolve_settings(index_dir).extract
+
+
 def _record_local(store: IndexStore, local: VerifyConf | None) -> None:
     if local is not None:
         from lookalike.local.sync import record_conf
@@ -130,7 +140,7 @@ def _record_local(store: IndexStore, local: VerifyConf | None) -> None:
 def index_folder(
     image_dir: str | Path,
     index_dir: str | Path,
-    conf: ExtractConf = ExtractConf(),
+    conf: ExtractConf | None = None,
     index_conf: IndexConf | None = None,
     *,
     remove_missing: bool = False,
@@ -148,7 +158,9 @@ def index_folder(
     Args:
         image_dir: folder scanned recursively for images.
         index_dir: index directory; created on first use.
-        conf: descriptor settings; an existing index built with others is refused.
+        conf: descriptor settings; an existing index built with others is refused. None:
+            the index's own for an existing index (as ``lookalike index`` without options),
+            the ``default`` preset for a new one.
         index_conf: vector backend and structure of a new index (None: the default, exact
             faiss); an existing index built with another is refused (None: its own).
         remove_missing: drop indexed files under ``image_dir`` that no longer exist.
@@ -170,6 +182,7 @@ def index_folder(
         raise LookalikeError(
             f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    conf = conf if conf is not None else _own_settings(index_dir, extractor)
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
         report = _sync(
@@ -186,7 +199,7 @@ def index_folder(
 def index_files(
     paths: Sequence[str | Path],
     index_dir: str | Path,
-    conf: ExtractConf = ExtractConf(),
+    conf: ExtractConf | None = None,
     index_conf: IndexConf | None = None,
     *,
     metadata: Callable[[Path], dict] | None = None,
@@ -210,6 +223,7 @@ def index_files(
     files = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     if not files:
         raise LookalikeError("no image files given to index")
+    conf = conf if conf is not None else _own_settings(index_dir, extractor)
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
         return _sync(

@@ -184,15 +184,14 @@ def verify_changes(
     device: str | None = None,
 ) -> dict[str, Any]:
     """The changes a search asks of an index's recorded verification settings (what
-    :func:`lookalike.rerank.verify.resolve_conf` applies): ``features`` for an index that
-    stores none (its preset's feature settings), weights, budget, fusion, device."""
+    :func:`lookalike.rerank.verify.resolve_conf` applies): ``features`` (their preset, for an
+    index that stores none; the index's own otherwise), weights, budget, fusion, device."""
     changes: dict[str, Any] = {}
     if device is not None:
         changes["device"] = device
     if features is not None:
-        preset = local_preset(features)
-        for key in ("features", "max_keypoints", "max_side", "ratio"):
-            changes[key] = getattr(preset, key)
+        local_feature_class(features)  # an unknown name fails here, listing the valid ones
+        changes["features"] = features
     if weights is not None:
         changes["weights"] = _weights_path(weights)
     if budget is not None:

@@ -304,7 +304,7 @@ def _sim_plus_inliers(sim: np.ndarray, inl: np.ndarray) -> np.ndarray:
 
 FUSIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "inliers": _inliers_only,  # verified inlier count; similarity breaks ties
-    "sim_sqrt_inliers": _sim_sqrt_inliers,  # the seeds' similarity * sqrt(inliers)
+    "sim_sqrt_inliers": _sim_sqrt_inliers,  # similarity * sqrt(inliers)
     # similarity + a bonus from 0 (chance inliers) to 1 (34+ inliers): chosen on Oxford5k
     # and confirmed on Holidays (benchmarks/verify.py): above sim_sqrt_inliers, by up to 4
     # mAP points, in 27 of 34 settings (all but ALIKED with ratio 0.8: at most 0.7 below);

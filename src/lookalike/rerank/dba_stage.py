@@ -26,8 +26,8 @@ from lookalike.index.manifest import DBASettings
 from lookalike.query import QueryContext
 from lookalike.ranking import Ranking
 from lookalike.rerank.dba import DBA_NAME, DBAIndex, build_dba, check_params
-from lookalike.rerank.functional import max_fuse
-from lookalike.rerank.qe import QE_PRESETS, QEConf, QueryExpansion, top_valid
+from lookalike.rerank.functional import alpha_qe, max_fuse
+from lookalike.rerank.qe import QE_PRESETS, QEConf, top_valid
 
 if TYPE_CHECKING:
     from lookalike.index import IndexStore
@@ -138,16 +138,22 @@ class DBAState:
         self.computed += 1
         seconds = time.perf_counter() - start
         self.stored = self._persist(index)
-        where = "stored in dba.npz" if self.stored else "kept in memory"
-        reason = "" if self.stored else " (the index directory is read-only or being written)"
-        logger.info(
-            "computed the DBA of %s (%d images, %.1f s): %s%s",
-            self.store.path,
-            len(index),
-            seconds,
-            where,
-            reason,
-        )
+        if self.stored:
+            logger.info(
+                "computed the DBA of %s (%d images, %.1f s): stored in dba.npz",
+                self.store.path,
+                len(index),
+                seconds,
+            )
+        else:  # a user should know: every new process will pay this again
+            logger.warning(
+                "computed the DBA of %s (%d images, %.1f s): kept in memory (the index "
+                "directory is read-only, being written, or keeps a DBA of other settings); "
+                "a new process computes it again",
+                self.store.path,
+                len(index),
+                seconds,
+            )
         return index
 
     def _persist(self, index: DBAIndex) -> bool:
@@ -193,7 +199,6 @@ class DBARerank:
         self.state = state
         self.conf = conf
         self.name = name
-        self.expansion = None if conf.qe is None else QueryExpansion(None, conf.qe, name)
 
     def __repr__(self) -> str:
         return f"DBARerank({self.name!r}, {self.conf})"
@@ -216,9 +221,10 @@ class DBARerank:
     def _query(
         self, index: DBAIndex, query: np.ndarray, scores: np.ndarray, ids: np.ndarray
     ) -> np.ndarray:
-        if self.expansion is None:
+        qe = self.conf.qe
+        if qe is None:
             return query
-        n = self.expansion.conf.n
+        n = qe.n
         if self.conf.expand_from == "dba":
             scores, ids = index.search(query, n, check=False)
         top_s, top_i = top_valid(scores, ids, len(ids))
@@ -226,7 +232,7 @@ class DBARerank:
         top_s = top_s[known][:n]
         if len(top_s) == 0:
             return query
-        return self.expansion.expand(query, vectors[:n], top_s)
+        return alpha_qe(query, vectors[:n], top_s, alpha=qe.alpha, n=n)
 
 
 def sync_dba(store: IndexStore) -> DBAIndex | None:

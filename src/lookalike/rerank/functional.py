@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lookalike.ranking import best_per_id
+
 
 def _weights(sims: np.ndarray, alpha: float) -> np.ndarray:
     """``max(sim, 0)^alpha`` (``alpha = 0``: all ones, negative similarities included)."""
@@ -182,13 +184,4 @@ def max_fuse(
     """
     s = np.concatenate([np.asarray(scores, np.float32), np.asarray(first_scores, np.float32)])
     i = np.concatenate([np.asarray(ids, np.int64), np.asarray(first_ids, np.int64)])
-    keep = i >= 0
-    s, i = s[keep], i[keep]
-    order = np.lexsort((i, -s))  # best score first, so each id's first occurrence is its best
-    s, i = s[order], i[order]
-    _, first = np.unique(i, return_index=True)
-    first = np.sort(first)[:k]
-    out_s = np.full(k, -np.inf, dtype=np.float32)
-    out_i = np.full(k, -1, dtype=np.int64)
-    out_s[: len(first)], out_i[: len(first)] = s[first], i[first]
-    return out_s, out_i
+    return best_per_id(s, i, k)

@@ -26,7 +26,7 @@ import numpy as np
 
 from lookalike.errors import ConfigError
 from lookalike.index.manifest import Manifest
-from lookalike.local.conf import VerifyConf
+from lookalike.local.conf import VerifyConf, local_preset
 from lookalike.local.features import DESCRIPTORS, KEYPOINTS
 from lookalike.local.matching import fuse_scores, match_many, verify
 from lookalike.local.provider import IndexFeatures
@@ -35,18 +35,17 @@ from lookalike.ranking import INLIERS, NOT_VERIFIED, Ranking
 
 logger = logging.getLogger(__name__)
 
-QUERY_FEATURES = "local_features"
-LOCAL_PRESET_KEYS = (
-    "features",
-    "max_keypoints",
-    "max_side",
-    "ratio",
-)  # what --local NAME sets  # QueryContext.cache key of the query's features
+QUERY_FEATURES = "local_features"  # QueryContext.cache key of the query's features
 
 
 def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str = "") -> VerifyConf:
     """The verification settings for an index: its recorded ones (or the default preset)
     updated by ``conf`` (a dict of changes), or ``conf`` itself when complete.
+
+    In a dict, ``features`` names the local features to verify with: on an index that keeps
+    none, their preset (:func:`~lookalike.local.conf.local_preset`) is the base the other
+    changes apply to; on an index that keeps them, its own settings are (any other name is
+    refused).
 
     Raises:
         ConfigError: ``conf`` asks for other local features than the index stores.
@@ -55,14 +54,16 @@ def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str 
     base = recorded or VerifyConf()
     if conf is None:
         return base
-    if (
-        isinstance(conf, dict)
-        and recorded is not None
-        and conf.get("features") == recorded.features
-    ):
-        # naming the features the index keeps asks for nothing new: keep their sizes and ratio
-        conf = {k: v for k, v in conf.items() if k not in LOCAL_PRESET_KEYS}
-    wanted = base.replace(**conf) if isinstance(conf, dict) else conf
+    if isinstance(conf, dict):
+        changes = dict(conf)
+        features = changes.pop("features", None)
+        if features is not None and recorded is None:
+            base = local_preset(features)
+        elif features is not None and features != recorded.features:
+            base = base.replace(features=features)  # refused below, naming both
+        wanted = base.replace(**changes)
+    else:
+        wanted = conf
     if recorded is not None and wanted.feature_settings() != recorded.feature_settings():
         raise ConfigError(
             f"index {where} stores {recorded.features} local features "

@@ -8,7 +8,9 @@ rebuilds or replays any backend from it (:mod:`lookalike.index.loader`). The pro
 structures, the default) and :class:`~lookalike.index.backends.numpy_backend.NumpyBackend`, a
 deliberately plain brute force that the equivalence tests hold every other backend to.
 Another engine plugs in by implementing the protocol and adding itself to
-:data:`BACKENDS`; the loader, the writer and the tests talk only to the protocol.
+:data:`BACKENDS` (and its name to ``lookalike.index.conf.BACKEND_NAMES`` and the CLI's
+``--backend`` choices, spelled out there so that reading a setting imports no engine; a test
+holds the three together); the loader, the writer and the tests talk only to the protocol.
 
 The contract (the faiss one): vectors are ``(n, d)`` float32 rows, ids int64; ``search``
 returns ``(scores, ids)`` of shape ``(n, k)``, best first, padded with id ``-1`` and score
@@ -118,8 +120,8 @@ def build_backend(
 
 
 def sample_size(backend: VectorBackend) -> int:
-    """Training vectors to draw for ``backend`` (its own ``train_sample`` when it has one)."""
-    return int(getattr(backend, "train_sample", backend.train_size))
+    """Training vectors to draw for ``backend``."""
+    return int(backend.train_sample)
 
 
 __all__ = [

@@ -57,6 +57,11 @@ class VectorBackend(Protocol):
         """Vectors needed before :meth:`train` is worth it (0: never needs training)."""
         ...
 
+    @property
+    def train_sample(self) -> int:
+        """Vectors to draw from the collection for :meth:`train` (0: none)."""
+        ...
+
     def __len__(self) -> int:
         """Live vectors (the size)."""
         ...

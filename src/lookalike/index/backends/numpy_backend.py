@@ -74,6 +74,10 @@ class NumpyBackend:
     def train_size(self) -> int:
         return 0
 
+    @property
+    def train_sample(self) -> int:
+        return 0
+
     def __len__(self) -> int:
         return len(self._ids)
 
