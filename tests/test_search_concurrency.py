@@ -2,9 +2,10 @@
 
 Four threads search in a loop (stored vectors, ids and image files; plain and with
 ``dba`` + ``alpha-qe``) while a subprocess, through the Python API, adds and removes images
-in several commits. Every search must succeed and obey the contract, and once the writer is
-done every committed change must be visible: removed ids never come back, added images are
-found by their own vectors. Two races too narrow to hit by chance are forced by hand.
+in several commits, checkpoints and compacts (the files readers use are replaced). Every
+search must succeed and obey the contract, and once the writer is done every committed
+change must be visible: removed ids never come back, added images are found by their own
+vectors. Two races too narrow to hit by chance are forced by hand.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ with IndexStore.open(root, writable=True) as store:
         removed += [i for i in gone if i in kept]
         for i in gone:
             kept.pop(i, None)
+        if round == 1:
+            store.checkpoint()  # readers switch to a new checkpoint file
+        if round == 3:
+            store.compact()  # and to a new vector file, the old one deleted
         time.sleep(0.05)
 print(json.dumps({"kept": kept, "removed": sorted(set(removed))}))
 """

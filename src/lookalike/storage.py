@@ -26,11 +26,15 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from lookalike.errors import IndexLockedError, IndexStateError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +184,31 @@ def switch_data_file(
         return None
     remove_durably([root / old])
     return root / old
+
+
+def read_retrying(
+    read: Callable[[], T], what: str, check: Callable[[], None] | None = None, attempts: int = 5
+) -> T:
+    """``read()``, run again when a file it opened was replaced by a generation compaction
+    in the meantime (``FileNotFoundError``: the database names the new one by now).
+
+    Args:
+        read: reads a consistent state (a snapshot of the database, then the file it names).
+        what: the store, for the message when it keeps changing.
+        check: called after each miss; raises when the file is missing for good (damage).
+        attempts: tries before giving up.
+
+    Raises:
+        IndexStateError: still replaced after ``attempts`` tries.
+    """
+    for attempt in range(attempts):
+        try:
+            return read()
+        except FileNotFoundError:
+            if check is not None:
+                check()
+            time.sleep(0.02 * attempt)
+    raise IndexStateError(f"{what} kept changing while it was being read; retry in a moment")
 
 
 def remove_leftovers(root: Path, is_junk: Callable[[str], bool]) -> list[str]:

@@ -5,18 +5,15 @@ state, whatever the searches' view)."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.errors import IndexStateError
 from lookalike.index.conf import ImageRecord
 from lookalike.index.loader import Loader
 from lookalike.index.metadata import PAGE, MetaDB
-
-READ_ATTEMPTS = 5  # reads retried when a compaction replaces the vector file under them
+from lookalike.storage import read_retrying
 
 
 class RecordsMixin:
@@ -80,15 +77,11 @@ class RecordsMixin:
         wanted = [int(i) for i in ids]
         with self._mutex:
             self._check_open()
-            for attempt in range(READ_ATTEMPTS):
-                try:
-                    return self._read_vectors(wanted)
-                except FileNotFoundError:  # compacted under us: the new file is named now
-                    self._loader.check_vector_file()
-                    time.sleep(0.05 * (attempt + 1))
-        raise IndexStateError(
-            f"index {self.path} kept changing while it was being read; retry in a moment"
-        )
+            return read_retrying(
+                lambda: self._read_vectors(wanted),
+                f"index {self.path}",
+                self._loader.check_vector_file,
+            )
 
     def _read_vectors(self, wanted: list[int]) -> np.ndarray:
         with self._db.snapshot():

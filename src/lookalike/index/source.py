@@ -9,7 +9,6 @@ store (no writes, no metadata, no files).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from lookalike.errors import IndexStateError
 from lookalike.index.loader import prepare
 from lookalike.index.vectors import check_vectors
+from lookalike.storage import read_retrying
 
 if TYPE_CHECKING:
     from lookalike.index.store import IndexStore
@@ -131,21 +130,16 @@ class IndexVectors:
         """Ids, seqs and vectors come from one SQLite snapshot (a compaction replacing the
         vector file meanwhile is retried), so they agree with each other and with ``seq``."""
         store = self._store
+
+        def read() -> tuple:
+            with store._db.snapshot():
+                seq = store._db.last_seq()
+                ids, slots, seqs = store._db.live_with_seq()
+                vectors, n_rows = store._loader.vector_file()
+                return seq, ids, seqs, vectors.read(slots, n_rows)
+
         with store._mutex:
             view = store._current_view()
-            for attempt in range(5):
-                try:
-                    with store._db.snapshot():
-                        seq = store._db.last_seq()
-                        ids, slots, seqs = store._db.live_with_seq()
-                        vectors, n_rows = store._loader.vector_file()
-                        raw = vectors.read(slots, n_rows)
-                    break
-                except FileNotFoundError:  # compacted under us: the new file is named now
-                    store._loader.check_vector_file()
-                    time.sleep(0.05 * (attempt + 1))
-            else:
-                raise IndexStateError(
-                    f"index {store.path} kept changing while it was being read; retry in a moment"
-                )
+            what = f"index {store.path}"
+            seq, ids, seqs, raw = read_retrying(read, what, store._loader.check_vector_file)
             return LiveVectors(seq, view.epoch, ids, seqs, prepare(raw, view.whitening))

@@ -71,6 +71,7 @@ from lookalike.local.layout import (
 )
 from lookalike.storage import (
     TMP_SUFFIX,
+    read_retrying,
     remove_leftovers,
     switch_data_file,
     write_at,
@@ -355,38 +356,35 @@ class LocalFeatureStore:
         if tags is not None and len(tags) != len(wanted):
             raise ValueError(f"{len(wanted)} ids but {len(tags)} tags")
         unique = sorted(set(wanted))
-        for attempt in range(5):
-            with self._mutex:
-                with self._snapshot():
-                    found: dict[int, tuple] = {}
-                    for begin in range(0, len(unique), 500):
-                        chunk = unique[begin : begin + 500]
-                        marks = ",".join("?" * len(chunk))
-                        for row in self._conn.execute(
-                            "SELECT id, offset, n, width, height, tag FROM features "
-                            f"WHERE id IN ({marks})",
-                            chunk,
-                        ):
-                            found[int(row[0])] = row[1:]
-                    name, end = self._kv("data_file"), int(self._kv("data_end"))
-                try:
-                    data = self._mapped(name, end)
-                except FileNotFoundError:
-                    if attempt == 4:
-                        raise
-                    continue  # a compaction switched files between the snapshot and the map
-                out: list[dict | None] = []
-                for pos, image_id in enumerate(wanted):
-                    row = found.get(image_id)
-                    if row is None or (tags is not None and tags[pos] not in (None, row[4])):
-                        out.append(None)
-                        continue
-                    offset, n, width, height, _ = row
-                    k = n if max_keypoints is None else min(n, max(0, int(max_keypoints)))
-                    buf = data[offset : offset + self.record_bytes(n)]
-                    out.append(self._codec.decode(np.asarray(buf), n, width, height, k))
-                return out
-        raise AssertionError("unreachable")
+
+        def read() -> tuple[dict[int, tuple], np.ndarray]:
+            with self._snapshot():
+                found: dict[int, tuple] = {}
+                for begin in range(0, len(unique), 500):
+                    chunk = unique[begin : begin + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for row in self._conn.execute(
+                        "SELECT id, offset, n, width, height, tag FROM features "
+                        f"WHERE id IN ({marks})",
+                        chunk,
+                    ):
+                        found[int(row[0])] = row[1:]
+                name, end = self._kv("data_file"), int(self._kv("data_end"))
+            return found, self._mapped(name, end)
+
+        with self._mutex:
+            found, data = read_retrying(read, f"local feature store {self.root}")
+            out: list[dict | None] = []
+            for pos, image_id in enumerate(wanted):
+                row = found.get(image_id)
+                if row is None or (tags is not None and tags[pos] not in (None, row[4])):
+                    out.append(None)
+                    continue
+                offset, n, width, height, _ = row
+                k = n if max_keypoints is None else min(n, max(0, int(max_keypoints)))
+                buf = data[offset : offset + self.record_bytes(n)]
+                out.append(self._codec.decode(np.asarray(buf), n, width, height, k))
+            return out
 
     def __contains__(self, id: object) -> bool:
         if isinstance(id, bool) or not isinstance(id, int | np.integer):
