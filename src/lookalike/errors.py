@@ -35,3 +35,10 @@ class IndexLockedError(LookalikeError):
     """Another process is writing to the index."""
 
     exit_code = 5
+
+
+class StorageError(LookalikeError):
+    """The disk is full, a directory is read-only or a permission is missing: nothing is
+    wrong with the index, which stays valid; free space or fix the permission and rerun."""
+
+    exit_code = 6
