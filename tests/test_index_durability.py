@@ -146,9 +146,10 @@ def test_missing_vector_file_is_reported_as_damage(filled) -> None:
     root = filled[0]
     (root / "faiss-200.index").unlink()  # so that loading needs the vectors
     (root / "vectors.f32").unlink()
-    with pytest.raises(IndexStateError, match=r"vectors\.f32 is missing.*damaged, rebuild"):
-        IndexStore.open(root)
-    with IndexStore.open(root, writable=True) as writer:
+    for writable in (False, True):  # found on opening (a stat), for readers and writers
+        with pytest.raises(IndexStateError, match=r"vectors\.f32 is missing.*lookalike repair"):
+            IndexStore.open(root, writable=writable)
+    with IndexStore.open(root, writable=True, _repairing=True) as writer:
         with pytest.raises(IndexStateError, match=r"vectors\.f32 is missing"):
             writer.vectors([1])
         with pytest.raises(IndexStateError, match=r"holds 0 bytes.*references"):

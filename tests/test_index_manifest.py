@@ -260,7 +260,8 @@ def test_numpy_index_round_trips(root: Path) -> None:
     fill(root, IndexConf(backend="numpy"), n=5)
     manifest = read_manifest(root)
     assert manifest.index == IndexConf(backend="numpy") and manifest.format_version == 2
-    assert manifest.checkpoint == CheckpointRef("numpy-5.index", 5, False)
+    assert manifest.checkpoint == CheckpointRef("numpy-5.index", 5, False, manifest.checkpoint.sha)
+    assert len(manifest.checkpoint.sha) == 64  # its blake2b-256 digest, hex
 
 
 # -- format 1 --------------------------------------------------------------------------------

@@ -350,14 +350,13 @@ def test_reader_loading_during_a_whitening_change_reloads(filled, monkeypatch) -
     root, x, _ = filled
     whitening = random_whitening(dim_out=D, seed=3)
     readers: list[IndexStore] = []
-    original = writer_module.atomic_write
+    original = writer_module.save_whitening
 
-    def write_then_open(path: Path, write, unique: bool = False) -> None:
-        if path.name == "whitening.npz":
-            readers.append(IndexStore.open(root))  # sees the new manifest, the old file
-        original(path, write, unique)
+    def write_then_open(path: Path, whitening) -> str:
+        readers.append(IndexStore.open(root))  # sees the new manifest, the old file
+        return original(path, whitening)
 
-    monkeypatch.setattr(writer_module, "atomic_write", write_then_open)
+    monkeypatch.setattr(writer_module, "save_whitening", write_then_open)
     with IndexStore.open(root, writable=True) as writer:
         writer.set_whitening(whitening)
         version = writer.vector_source().version()

@@ -5,6 +5,7 @@ description, and the kernel drops it when its process dies)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sqlite3
@@ -17,7 +18,7 @@ from conftest import read_only_view
 from index_helpers import run_python
 
 import lookalike.storage as storage
-from lookalike.errors import IndexLockedError, IndexStateError
+from lookalike.errors import IndexLockedError, IndexStateError, StorageError
 from lookalike.storage import (
     Database,
     WriterLock,
@@ -224,11 +225,12 @@ def test_write_new_file_removes_a_partial_target(tmp_path: Path) -> None:
 def test_atomic_write_replaces_or_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "state.json"
     atomic_write_bytes(path, b"one")
-    atomic_write(path, lambda tmp: tmp.write_bytes(b"two"))
+    digest = atomic_write(path, lambda stream: stream.write(b"two"))
     assert path.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert digest == hashlib.blake2b(b"two", digest_size=32).hexdigest()
 
-    def failing(tmp: Path) -> None:
-        tmp.write_bytes(b"half")
+    def failing(stream) -> None:
+        stream.write(b"half")
         raise OSError("disk full")
 
     for unique in (False, True):
@@ -248,15 +250,15 @@ def test_atomic_write_replaces_or_leaves_the_old_file(tmp_path: Path, monkeypatc
 def test_unique_scratch_files_of_concurrent_writers_differ(tmp_path: Path) -> None:
     path = tmp_path / "dba.npz"
     both_writing = threading.Barrier(2, timeout=10)
-    scratch: dict[str, Path] = {}
+    scratch: dict[str, set[str]] = {}
     errors: list[BaseException] = []
 
     def writer(name: str) -> None:
-        def write(tmp: Path) -> None:
-            scratch[name] = tmp
-            tmp.write_bytes(name.encode() * 1000)
+        def write(stream) -> None:
+            stream.write(name.encode() * 1000)
             both_writing.wait()  # both scratch files exist at once
-            assert tmp.read_bytes() == name.encode() * 1000  # not overwritten by the other
+            scratch[name] = {p.name for p in tmp_path.iterdir()}
+            both_writing.wait()
 
         try:
             atomic_write(path, write, unique=True)
@@ -269,8 +271,9 @@ def test_unique_scratch_files_of_concurrent_writers_differ(tmp_path: Path) -> No
     for thread in threads:
         thread.join()
     assert not errors, errors
-    assert scratch["a"] != scratch["b"]
-    assert all(p.name.startswith("dba.npz.") and p.name.endswith(".tmp") for p in scratch.values())
+    (seen,) = {frozenset(names) for names in scratch.values()}
+    assert len(seen) == 2  # two scratch files at once, neither overwriting the other
+    assert all(n.startswith("dba.npz.") and n.endswith(".tmp") for n in seen)
     assert path.read_bytes() in (b"a" * 1000, b"b" * 1000)
     assert [p.name for p in tmp_path.iterdir()] == ["dba.npz"]  # no scratch left
 
@@ -338,7 +341,7 @@ def test_a_database_in_a_read_only_directory_opens_read_only(tmp_path: Path) -> 
         reader = Database(ro / "x.sqlite")
         try:
             assert reader.read_only and reader.kv_int("n") == 3
-            with pytest.raises(sqlite3.OperationalError), reader.write():
+            with pytest.raises(StorageError, match=r"x\.sqlite: it is read-only"), reader.write():
                 reader.kv_set("n", 4)
         finally:
             reader.close()

@@ -150,7 +150,7 @@ def apply_labels(store: IndexStore, labels: LabelSource | Mapping[str | Path, st
     source = labels if callable(labels) else labels_from_mapping(labels)
     changed = 0
     for record in list(store.records(status="ok")):
-        new = label_of(source(Path(record.path)))
+        new = label_of(source(Path(record.fs_path)))  # as indexing asked it
         if new == label_of(record.metadata):
             continue
         metadata = {k: v for k, v in record.metadata.items() if k != LABEL_KEY}

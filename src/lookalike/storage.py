@@ -18,6 +18,11 @@ Both on-disk stores (the index, :mod:`lookalike.index`, and its local features,
   are copied into a new file under a new name, one transaction points the database at it, and
   the old file is deleted last; readers that still map the old one retry.
 * **The single-writer lock** (:class:`WriterLock`).
+
+Every file is a fixed name inside the store directory, checked and opened without following
+links, and every checked file is hashed while it is written (:mod:`lookalike.confined`); a
+write the environment refuses (full disk, read-only, permission) raises one
+:class:`~lookalike.errors.StorageError`.
 """
 
 from __future__ import annotations
@@ -26,19 +31,29 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
-from lookalike.errors import IndexLockedError, IndexStateError
+from lookalike.confined import (
+    DigestWriter,
+    check_entry,
+    open_fd,
+    storage_error,
+    storage_errors,
+    unlink_entry,
+)
+from lookalike.errors import IndexLockedError, IndexStateError, StorageError
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file
 
 
 def fsync_dir(path: Path) -> None:
@@ -57,7 +72,7 @@ def fsync_dir(path: Path) -> None:
 
 def fsync_file(path: Path) -> None:
     """Flush the data of an already written file to stable storage."""
-    fd = os.open(path, os.O_RDWR)
+    fd = open_fd(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:
@@ -69,28 +84,46 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], unique: bool = False) -> None:
-    """Create or replace ``path`` atomically; ``write(tmp)`` fills the scratch file.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], unique: bool = False) -> str:
+    """Create or replace ``path`` atomically; ``write(stream)`` fills the scratch file
+    through a sequential (non-seekable) binary stream. Returns the digest of what was
+    written (:func:`lookalike.confined.new_digest`).
+
+    The scratch file is created fresh (``O_CREAT | O_EXCL | O_NOFOLLOW``, a stale one removed
+    first), so nothing planted at its name is written through.
 
     ``unique``: a scratch name of this call only (``<name>.<random>.tmp``), for files that
     processes not holding the writer lock may replace (e.g. a searcher saving a DBA).
+
+    Raises:
+        IndexStateError: ``path`` is a link or another non-regular file.
+        StorageError: the disk is full, the directory read-only or not writable.
     """
     tmp = tmp_path(path)
     if unique:
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    check_entry(path)
+    with storage_errors(path):
+        unlink_entry(tmp)
+        fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                stream = DigestWriter(fd)
+                write(stream)  # type: ignore[arg-type]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            unlink_entry(tmp)
+            raise
+        fsync_dir(path.parent)
+    return stream.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Create or replace ``path`` with ``data`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Create or replace ``path`` with ``data`` atomically; returns its digest."""
+    return atomic_write(path, lambda stream: stream.write(data))
 
 
 def write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
@@ -117,27 +150,29 @@ def write_at(path: Path, data: bytes | memoryview, offset: int, damaged: str) ->
             database references bytes that are not there): how to rebuild.
 
     Raises:
-        IndexStateError: the file holds fewer than ``offset`` bytes.
+        IndexStateError: the file holds fewer than ``offset`` bytes, or is not a regular file.
+        StorageError: the disk is full, the directory read-only or not writable.
     """
-    created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size < offset:
-            if created:  # leave no empty file behind that would read as "truncated"
-                path.unlink(missing_ok=True)
-            raise IndexStateError(
-                f"{path} holds {size} bytes but its database references {offset}; {damaged}"
-            )
-        write_all(fd, data, offset)
-        end = offset + memoryview(data).nbytes
-        if size > end:
-            os.ftruncate(fd, end)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        fsync_dir(path.parent)
+    created = check_entry(path) is None
+    with storage_errors(path):
+        fd = open_fd(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size < offset:
+                if created:  # leave no empty file behind that would read as "truncated"
+                    unlink_entry(path)
+                raise IndexStateError(
+                    f"{path} holds {size} bytes but its database references {offset}; {damaged}"
+                )
+            write_all(fd, data, offset)
+            end = offset + memoryview(data).nbytes
+            if size > end:
+                os.ftruncate(fd, end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(path.parent)
 
 
 def write_new_file(target: Path, chunks: Iterable[bytes | memoryview]) -> int:
@@ -145,26 +180,34 @@ def write_new_file(target: Path, chunks: Iterable[bytes | memoryview]) -> int:
     (its directory too); returns the bytes written. The caller then switches to it with
     :func:`switch_data_file`."""
     total = 0
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for chunk in chunks:
-            write_all(fd, chunk)
-            total += memoryview(chunk).nbytes
-        os.fsync(fd)
-    except BaseException:
+    with storage_errors(target):
+        unlink_entry(target)  # a stale one of an interrupted compaction (or anything planted)
+        fd = open_fd(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for chunk in chunks:
+                write_all(fd, chunk)
+                total += memoryview(chunk).nbytes
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            unlink_entry(target)
+            raise
         os.close(fd)
-        target.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    fsync_dir(target.parent)
+        fsync_dir(target.parent)
     return total
 
 
 def switch_data_file(
-    db: Database, key: str, target: Path, update: Callable[[sqlite3.Connection], None]
+    db: Database,
+    key: str,
+    target: Path,
+    update: Callable[[sqlite3.Connection], None],
+    is_name: Callable[[str], bool] = lambda name: True,
 ) -> Path | None:
     """Generation compaction, step two: one transaction runs ``update`` (pointing records at
-    their new offsets) and names ``target`` under ``kv[key]``; then the old file is deleted.
+    their new offsets) and names ``target`` under ``kv[key]``; then the old file is deleted
+    (only when ``is_name`` says the old entry is a data file name of the store: a damaged
+    entry is never taken for a path).
 
     Returns the old file's path (deleted), or None when it was already ``target``. A failed
     transaction deletes ``target`` (unless it is the file in use) and leaves the old state.
@@ -178,9 +221,9 @@ def switch_data_file(
             db.kv_set(key, target.name)
     except BaseException:
         if old != target.name:
-            target.unlink(missing_ok=True)
+            unlink_entry(target)
         raise
-    if old is None or old == target.name:
+    if old is None or old == target.name or "/" in old or not is_name(old):
         return None
     remove_durably([root / old])
     return root / old
@@ -213,11 +256,18 @@ def read_retrying(
 
 def remove_leftovers(root: Path, is_junk: Callable[[str], bool]) -> list[str]:
     """Delete the files of ``root`` whose names ``is_junk`` (crash leftovers); their names."""
-    junk = [p for p in root.iterdir() if is_junk(p.name)]
+    junk = [p for p in root.iterdir() if is_junk(p.name) and not _is_real_dir(p)]
     if junk:
         logger.info("removing leftovers of an interrupted writer: %s", sorted(p.name for p in junk))
         remove_durably(junk)
     return [p.name for p in junk]
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Database:
@@ -247,12 +297,19 @@ class Database:
         self.path = path
         self.damaged = damaged
         self.read_only = False  # opened without write access (a read-only directory)
-        if not create and not path.exists():
+        # SQLite opens these by name and follows links: each must be a plain file or absent
+        exists = check_entry(path) is not None
+        for suffix in SIDE_FILES:
+            check_entry(path.with_name(path.name + suffix))
+        if not create and not exists:
             raise IndexStateError(f"{path} is missing; {damaged}")
         try:
             self.conn = self._connect("rwc" if create else "rw")
         except sqlite3.OperationalError as error:
             if create or os.access(path.parent, os.W_OK):
+                mapped = storage_error(error, path) if create else None
+                if mapped is not None:
+                    raise mapped from None
                 raise IndexStateError(f"cannot open {path} ({error}); {damaged}") from None
             self.conn = self._connect_read_only(error)
         try:
@@ -269,6 +326,9 @@ class Database:
         except sqlite3.DatabaseError as error:
             with contextlib.suppress(Exception):
                 self.conn.close()
+            mapped = storage_error(error, path)
+            if mapped is not None:
+                raise mapped from None
             raise IndexStateError(f"cannot open {path} ({error}); {damaged}") from None
 
     def _connect(self, mode: str) -> sqlite3.Connection:
@@ -324,13 +384,23 @@ class Database:
 
         SQLite's lock serialises the writers of every process; readers never wait.
         """
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            mapped = storage_error(error, self.path)
+            if mapped is not None:
+                raise mapped from None
+            raise
         try:
             yield self.conn
             self.conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as error:
             if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            mapped = storage_error(error, self.path) if isinstance(error, sqlite3.Error) else None
+            if mapped is not None:
+                raise mapped from None
             raise
 
     @contextlib.contextmanager
@@ -365,14 +435,24 @@ class Database:
     def kv_delete(self, key: str) -> None:
         self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
 
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's ``PRAGMA integrity_check`` finds (empty: the file is sound)."""
+        try:
+            rows = self.conn.execute("PRAGMA integrity_check").fetchall()
+        except sqlite3.DatabaseError as error:
+            return [str(error)]
+        found = [str(row[0]) for row in rows]
+        return [] if found == ["ok"] else found
+
 
 def remove_durably(paths: list[Path]) -> None:
     """Delete files (missing ones are fine) and make the deletions durable."""
     if not paths:
         return
-    for path in paths:
-        path.unlink(missing_ok=True)
-    fsync_dir(paths[0].parent)
+    with storage_errors(paths[0]):
+        for path in paths:
+            unlink_entry(path)
+        fsync_dir(paths[0].parent)
 
 
 class WriterLock:
@@ -403,8 +483,14 @@ class WriterLock:
             self._acquire_filelock()
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
+            mapped = storage_error(error, self.path)
+            if mapped is not None:
+                raise StorageError(
+                    f"cannot open the lock file of index {self.index_dir} "
+                    f"({error.strerror}); writing an index needs write access to its directory"
+                ) from None
             raise IndexStateError(
                 f"cannot open the lock file of index {self.index_dir} ({error.strerror}); "
                 "writing an index needs write access to its directory"
@@ -415,8 +501,9 @@ class WriterLock:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             os.close(fd)
             raise self._locked_error(holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid only names the holder (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         logger.debug("took the writer lock of %s", self.index_dir)
 

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from lookalike.errors import ConfigError, ImageError
 from lookalike.images import load_image
+from lookalike.index.conf import display_path, fs_path_from_display
 
 if TYPE_CHECKING:  # search imports torch and faiss; the page only reads the hits' fields
     from lookalike.search import Hit
@@ -144,6 +145,7 @@ def write_result_grid(
 
 def _thumbnail(path: str, thumbs: Path, thumb_px: int) -> str | None:
     """Write (or reuse) the thumbnail of ``path``; its ``src`` relative to the page, or None."""
+    path = fs_path_from_display(path)  # an indexed name that is not UTF-8 is shown escaped
     try:
         st = os.stat(path)
     except OSError:
@@ -152,7 +154,7 @@ def _thumbnail(path: str, thumbs: Path, thumb_px: int) -> str | None:
     # The name changes with the file's contents (size, mtime) and the thumbnail size, so a
     # re-rendered page never shows a stale thumbnail and several pages can share the folder.
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{thumb_px}"
-    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(path).stem)[:40]
     name = f"{stem}-{digest}.jpg"
     target = thumbs / name
@@ -172,8 +174,8 @@ def _cell(
     path: str, src: str | None, page_dir: Path, state: str, label: str, detail: str = ""
 ) -> str:
     """One thumbnail with a bold label and detail under it; grey placeholder when no ``src``."""
-    esc = html.escape(path, quote=True)
-    name = html.escape(Path(path).name, quote=True)
+    esc = html.escape(display_path(path), quote=True)
+    name = html.escape(Path(display_path(path)).name, quote=True)
     if src is None:
         inner = '<div class="placeholder">unreadable</div>'
     else:
@@ -188,11 +190,12 @@ def _cell(
 
 def _link(path: str, page_dir: Path) -> str:
     """``path`` relative to the page (as a URL path), or a file URI when there is none."""
+    path = fs_path_from_display(path)
     try:
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(page_dir))
     except ValueError:  # another drive on Windows
         return Path(path).absolute().as_uri()
-    return "/".join(quote(part, safe="") for part in Path(rel).parts)
+    return "/".join(quote(os.fsencode(part), safe="") for part in Path(rel).parts)
 
 
 def _score(score: float) -> str:

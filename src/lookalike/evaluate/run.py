@@ -106,7 +106,7 @@ def evaluate_dataset(
         records = list(searcher.store.records(status="ok"))
         to_position = np.full(max((r.id for r in records), default=0) + 1, -1, dtype=np.int64)
         for record in records:
-            to_position[record.id] = position.get(record.path, -1)
+            to_position[record.id] = position.get(record.fs_path, -1)
         if progress is not None:
             progress("search", 0, len(dataset.queries))
         for done, query in enumerate(dataset.queries, 1):

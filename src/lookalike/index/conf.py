@@ -8,6 +8,7 @@ similarity) plus the search-time knobs of the structures that have them.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -91,11 +92,51 @@ def faiss_message(error: BaseException) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", text).removeprefix("Error: ")
 
 
+def fs_bytes(path: str | bytes | os.PathLike) -> bytes:
+    """The file system's bytes of a path (a ``str`` read from the file system carries the
+    bytes that are not UTF-8 as surrogate escapes, as ``os.fsdecode`` makes them).
+
+    Raises:
+        ValueError: a ``str`` holding surrogates that no file name decodes to.
+    """
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"path {os.fspath(path)!r} holds characters that are neither text nor file name bytes"
+        ) from None
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """How a path is shown and stored as text: itself when it is valid UTF-8, else with
+    each byte that is not written as ``\\xNN`` (``caf\\xe9.jpg``); always encodable."""
+    return fs_bytes(path).decode("utf-8", "backslashreplace")
+
+
+def display_text(text: str) -> str:
+    """``text`` (a message, say) with any surrogate escapes written as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def fs_path_from_display(text: str) -> str:
+    """The file a display form (:func:`display_path`) names: ``text`` itself when a file of
+    that name exists or it holds no escape, else its ``\\xNN`` escapes turned back into
+    bytes (a file name that is not UTF-8, as ``open()`` takes it)."""
+    if "\\x" not in text or os.path.lexists(text):
+        return text
+    return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8")))
+
+
 @dataclass
 class NewImage:
     """One file handed over by the indexing pipeline.
 
-    ``path`` is stored as given (the pipeline passes absolute resolved paths). ``error`` set
+    ``path`` is the file's name as the file system gives it (the pipeline passes absolute
+    resolved paths; bytes that are not UTF-8 as surrogate escapes): the index stores its
+    display form (:func:`display_path`) and, when that differs, its bytes. ``error`` set
     means the file failed to decode: it is stored with status ``'error'`` and no vector.
     """
 
@@ -111,7 +152,11 @@ class NewImage:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One row of ``meta.sqlite``: ``status`` is ``'ok'`` (searchable) or ``'error'``."""
+    """One row of ``meta.sqlite``: ``status`` is ``'ok'`` (searchable) or ``'error'``.
+
+    ``path`` is the display form (valid UTF-8, what is shown and printed); :attr:`fs_path`
+    is the name to open the file by.
+    """
 
     id: int
     path: str
@@ -123,3 +168,9 @@ class ImageRecord:
     metadata: dict
     status: str
     error: str | None
+    raw_path: bytes | None = None  # the file name's bytes when they are not UTF-8, else None
+
+    @property
+    def fs_path(self) -> str:
+        """The path as ``open()`` takes it (bytes that are not UTF-8 as surrogate escapes)."""
+        return self.path if self.raw_path is None else os.fsdecode(self.raw_path)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lookalike.errors import IndexLockedError, IndexStateError
+from lookalike.errors import IndexLockedError, IndexStateError, StorageError
 from lookalike.index.loader import Loader, View
 from lookalike.index.manifest import MANIFEST_NAME, Manifest
 from lookalike.index.metadata import MetaDB
@@ -64,6 +64,7 @@ class FreshnessMixin:
         with self._mutex:
             self._check_open()
             self._token = self._change_token()
+            self._db.detect()  # a writer may have migrated the schema meanwhile
             if self._view is None or self.writable:
                 self._current_view()
                 return
@@ -93,7 +94,7 @@ class FreshnessMixin:
         lock = writer_lock(self.path)
         try:
             lock.acquire()
-        except (IndexLockedError, IndexStateError):
+        except (IndexLockedError, IndexStateError, StorageError):
             yield False
             return
         unseen = True

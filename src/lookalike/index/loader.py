@@ -9,32 +9,43 @@ checkpoint only saves time.
 Races with the writer are resolved by retrying: a checkpoint deleted meanwhile, ops pruned
 past the checkpoint by a compaction, a vector file replaced by a compaction, or a whitening
 swapped (``manifest.whitening.epoch`` differs before and after) all restart the load. After
-a few attempts, or when the checkpoint is unreadable, the view is rebuilt from the vectors of
-the live rows instead, which is always correct, only slower.
+a few attempts, or when the checkpoint is unreadable or not the one the manifest's digest
+names, the view is rebuilt from the vectors of the live rows instead (with a warning), which
+is always correct, only slower.
+
+The whitening follows the manifest: a recorded one is checked against its digest as it is
+read, and a damaged or missing one is refused (searching unwhitened vectors with a
+whitened checkpoint, or the reverse, would silently rank wrongly); ``lookalike repair``
+learns one again. While a change is under way (an odd ``whitening.epoch``) the file is read
+as it is and the epoch comparison makes the reader load again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from lookalike.confined import check_entry, read_bytes
 from lookalike.errors import IndexStateError
 from lookalike.index.backends import (
     CheckpointError,
+    DigestMismatch,
     VectorBackend,
     build_backend,
     create_backend,
     load_backend,
 )
 from lookalike.index.conf import IndexConf
-from lookalike.index.manifest import REBUILD, CheckpointRef, read_manifest
+from lookalike.index.manifest import CheckpointRef, WhiteningState, read_manifest
 from lookalike.index.metadata import MetaDB
-from lookalike.index.vectors import DEFAULT_NAME, VectorFile
+from lookalike.index.vectors import BlockVerifier, VectorFile, checked_name, repair_hint
 
 if TYPE_CHECKING:
     from lookalike.whitening import Whitening
@@ -71,26 +82,62 @@ class View:
     from_checkpoint: bool
 
 
-def load_whitening(root: Path) -> Whitening | None:
-    """``root/whitening.npz`` if present (the file, not the manifest flag, is authoritative).
+class WhiteningDamaged(IndexStateError):
+    """The whitening the manifest records is missing, unreadable or not the recorded one."""
+
+
+def load_whitening(root: Path, state: WhiteningState) -> Whitening | None:
+    """The whitening the manifest's ``state`` says is in force (see the module docstring).
 
     Raises:
-        IndexStateError: the file is unreadable.
+        WhiteningDamaged: recorded but missing, unreadable or of another digest.
+        IndexStateError: ``whitening.npz`` is a link or another non-regular file.
     """
     path = root / WHITENING_NAME
-    if not path.exists():
-        return None
+    if not state.changing and not state.learned:
+        return None  # a stray file is not applied: the manifest says there is none
+    try:
+        content, digest = read_bytes(path)
+    except FileNotFoundError:
+        if state.changing:
+            return None
+        raise WhiteningDamaged(
+            f"{path} is missing but index {root} was built with a learned whitening: its "
+            f"vectors cannot be searched as they were built; {_relearn(root)}"
+        ) from None
+    if not state.changing and state.sha is not None and digest != state.sha:
+        raise WhiteningDamaged(
+            f"{path} is not the whitening index {root} was built with (its digest differs); "
+            f"{_relearn(root)}"
+        )
     from lookalike.whitening import Whitening  # imports torch: only when there is one
 
     try:
-        return Whitening.load(path)
-    except FileNotFoundError:  # removed meanwhile; the manifest's epoch tells the loader
-        return None
+        whitening = Whitening.load(io.BytesIO(content))  # type: ignore[arg-type]
     except (OSError, ValueError, KeyError, EOFError) as error:
-        raise IndexStateError(
-            f"{path} is unreadable ({error}); the index is damaged, rebuild it into a new "
-            "--index directory"
-        ) from None
+        raise WhiteningDamaged(f"{path} is unreadable ({error}); {_relearn(root)}") from None
+    if not state.changing and state.dim_out not in (None, whitening.dim_out):
+        raise WhiteningDamaged(
+            f"{path} gives {whitening.dim_out}-d vectors, the manifest records "
+            f"{state.dim_out}-d; {_relearn(root)}"
+        )
+    return whitening
+
+
+def _relearn(root: Path) -> str:
+    return f"run `lookalike repair --index {root}` (it learns the whitening again)"
+
+
+def save_whitening(path: Path, whitening: Whitening) -> str:
+    """Write ``whitening`` as ``.npz`` (one array per field) atomically; its digest."""
+    from lookalike.storage import atomic_write
+
+    arrays = {f.name: getattr(whitening, f.name) for f in dataclasses.fields(whitening)}
+
+    def write(stream: BinaryIO) -> None:
+        np.savez(stream, **arrays)
+
+    return atomic_write(path, write)
 
 
 def prepare(raw: np.ndarray, whitening: Whitening | None) -> np.ndarray:
@@ -115,11 +162,32 @@ class Loader:
         self.db = db
         self.dim = dim
         self.conf = conf
+        self.verifier = BlockVerifier(db.block_rows, db.blocks_of)
 
     def vector_file(self) -> tuple[VectorFile, int]:
-        """The current vector file and its committed rows (call inside a snapshot)."""
-        name = self.db.kv_get("vectors_file", DEFAULT_NAME) or DEFAULT_NAME
-        return VectorFile(self.root / name, self.dim), self.db.kv_int("n_rows")
+        """The current vector file and its committed rows (call inside a snapshot).
+
+        Raises:
+            IndexStateError: ``kv.vectors_file`` is not a vector file name of the index.
+        """
+        name = checked_name(self.db.kv_get("vectors_file"), self.root)
+        vectors = VectorFile(self.root / name, self.dim, self.describe_slots, self.verifier)
+        return vectors, self.db.kv_int("n_rows")
+
+    def describe_slots(self, slots: np.ndarray) -> str:
+        """Names the images whose vectors are at ``slots``, for messages."""
+        found = self.db.images_at_slots(sorted({int(s) for s in slots}))
+        if not found:
+            return f"the rows at slots {sorted({int(s) for s in slots})[:5]}"
+        image_id, path = found[0]
+        more = f" and {len(found) - 1} more images" if len(found) > 1 else ""
+        return f"{path} (id {image_id}){more}"
+
+    def check_sizes(self) -> None:
+        """The open-time check: the vector file holds every committed row (one stat)."""
+        with self.db.snapshot():
+            vectors, n_rows = self.vector_file()
+        vectors.check_size(n_rows)
 
     def load(self) -> View:
         """A full load: checkpoint + replay, with retries (see the module docstring)."""
@@ -144,16 +212,21 @@ class Loader:
         """
         with self.db.snapshot():
             vectors, n_rows = self.vector_file()
-        if n_rows and not vectors.path.exists():
+        if n_rows and check_entry(vectors.path) is None:
             raise IndexStateError(
                 f"{vectors.path} is missing but meta.sqlite references {n_rows} rows of it; "
-                f"the index is damaged, {REBUILD}"
+                f"{repair_hint(self.root)}"
             )
 
     def _load_once(self, allow_rebuild: bool) -> View:
         manifest = read_manifest(self.root)
         epoch = manifest.whitening.epoch
-        whitening = load_whitening(self.root)
+        try:
+            whitening = load_whitening(self.root, manifest.whitening)
+        except WhiteningDamaged:
+            if read_manifest(self.root).whitening != manifest.whitening:
+                raise _Retry("whitening changed") from None
+            raise
         dim = self.dim if whitening is None else whitening.dim_out
         checkpoint = manifest.checkpoint
         backend, checkpoint_seq = self._read_checkpoint(checkpoint, dim, allow_rebuild)
@@ -180,16 +253,30 @@ class Loader:
         if name is None:
             return create_backend(self.conf, dim), 0
         path = self.root / name
-        if not path.exists():
+        if check_entry(path) is None:
             if not allow_rebuild:
                 raise _Retry(f"checkpoint {name} vanished")
             logger.warning("checkpoint %s is missing; rebuilding from the vectors", path)
             return None, 0
         try:
-            backend = load_backend(path, self.conf)
+            backend = load_backend(path, self.conf, checkpoint.sha)
+        except FileNotFoundError:
+            if allow_rebuild:
+                return None, 0
+            raise _Retry(f"checkpoint {name} vanished") from None
         except CheckpointError as error:
-            if not path.exists() and not allow_rebuild:
-                raise _Retry(f"checkpoint {name} vanished") from None
+            changed = read_manifest(self.root).checkpoint != checkpoint
+            if (changed or check_entry(path) is None) and not allow_rebuild:
+                raise _Retry(f"checkpoint {name} replaced or vanished") from None
+            if isinstance(error, DigestMismatch):
+                logger.warning(
+                    "checkpoint %s does not match its recorded digest; rebuilding the %s "
+                    "index in memory from the vectors (`lookalike repair` or a writer's next "
+                    "checkpoint replaces it)",
+                    path,
+                    self.conf.backend,
+                )
+                return None, 0
             logger.warning(
                 "checkpoint %s is unreadable (%s); rebuilding the %s index in memory from "
                 "the vectors (a writer's next checkpoint() replaces it)",

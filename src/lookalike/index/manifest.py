@@ -17,6 +17,10 @@ when the index is opened:
   one whitening with the epoch of another; a reader compares it before and after loading) and
   the backend checkpoint covering the change log up to ``checkpoint.seq``.
 
+The files the manifest names carry their digest (``sha``: blake2b-256, hex; optional, absent
+in indexes written before digests were kept): the whitening, the checkpoint and the DBA are
+checked against it when loaded (:mod:`lookalike.index.check` checks them all).
+
 It is written last when an index is created, so a directory without a manifest is not an
 index, and it is always replaced atomically (:func:`lookalike.storage.atomic_write`).
 
@@ -38,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lookalike.confined import read_bytes
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index.conf import IndexConf
 from lookalike.storage import atomic_write_bytes
@@ -107,8 +112,14 @@ class WhiteningState:
 
     learned: bool = False
     dim_out: int | None = None  # its output dimension, the index space
-    epoch: int = 0  # grows at every change (by 2: before and after the file is replaced);
-    #   readers compare it before and after loading
+    epoch: int = 0  # grows at every change, to an odd number before the file is replaced
+    #   and to the next even one after; readers compare it before and after loading
+    sha: str | None = None  # digest of whitening.npz; None: not recorded (older index)
+
+    @property
+    def changing(self) -> bool:
+        """Whether a change of the file is under way (or was interrupted by a crash)."""
+        return self.epoch % 2 == 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,7 @@ class CheckpointRef:
     file: str | None = None  # file name in the index directory; None: replay from nothing
     seq: int = 0  # the newest op of the change log it covers
     fallback: bool = False  # it holds the exact stand-in of a structure not yet trained
+    sha: str | None = None  # digest of the file; None: not recorded (older index)
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,12 @@ class DBASettings:
 
     k: int = 5  # neighbours per augmented vector, the image itself included
     alpha: float = 1.0  # neighbour weight exponent
+    sha: str | None = field(default=None, compare=False)  # digest of dba.npz as last saved;
+    #   None: not recorded. Not compared: two DBASettings are equal when their settings are
+
+    def same(self, k: int, alpha: float) -> bool:
+        """Whether these are the settings ``(k, alpha)``, whatever the file's digest."""
+        return (self.k, self.alpha) == (int(k), float(alpha))
 
 
 @dataclass(frozen=True)
@@ -162,14 +180,22 @@ class Manifest:
                 "rotations": list(self.query.rotations),
                 "rotation_penalty": self.query.rotation_penalty,
             },
-            "whitening": dataclasses.asdict(self.whitening),
-            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "whitening": _with_sha(self.whitening),
+            "checkpoint": _with_sha(self.checkpoint),
             "local": None if self.local is None else self.local.to_dict(),
-            "dba": None if self.dba is None else dataclasses.asdict(self.dba),
+            "dba": None if self.dba is None else _with_sha(self.dba),
             "created": self.created,
             "updated": self.updated,
             "versions": dict(self.versions),
         }
+
+
+def _with_sha(section: object) -> dict[str, Any]:
+    """A section as JSON; ``sha`` only when recorded (format 2 readers before it ignore it)."""
+    out = dataclasses.asdict(section)  # type: ignore[call-overload]
+    if out.get("sha") is None:
+        out.pop("sha", None)
+    return out
 
 
 def new_manifest(
@@ -221,7 +247,7 @@ def read_manifest(root: Path) -> Manifest:
         raise IndexStateError(f"{root} is a file, not an index directory; {_create_hint(root)}")
     path = root / MANIFEST_NAME
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(read_bytes(path)[0].decode("utf-8"))
     except FileNotFoundError:
         raise IndexStateError(
             f"{root} is not a lookalike index (no {MANIFEST_NAME}); {_create_hint(root)}"
@@ -279,6 +305,15 @@ def _opt_str(value: object, what: str) -> str | None:
     return value
 
 
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha(value: object, what: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not _SHA.fullmatch(value)):
+        raise ValueError(f"{what} must be a blake2b-256 hex digest or absent, got {value!r}")
+    return value
+
+
 def _section(data: dict, key: str, prefix: str = "") -> dict:
     """``data[key]``, which must be an object (``KeyError`` naming ``prefix + key``)."""
     if key not in data:
@@ -329,6 +364,7 @@ def _parse(data: dict, version: int) -> Manifest:
             dba = DBASettings(
                 _int(_required(d, "k", "dba."), "dba.k", 1),
                 _number(_required(d, "alpha", "dba."), "dba.alpha"),
+                _sha(d.get("sha"), "dba.sha"),
             )
     versions = data.get("versions", {})
     if not isinstance(versions, dict):
@@ -358,6 +394,7 @@ def _whitening(w: object) -> WhiteningState:
         _bool(w.get("learned", False), "whitening.learned"),
         None if dim_out is None else _int(dim_out, "whitening.dim_out", 1),
         _int(w.get("epoch", 0), "whitening.epoch"),
+        _sha(w.get("sha"), "whitening.sha"),
     )
 
 
@@ -366,6 +403,7 @@ def _checkpoint(c: dict) -> CheckpointRef:
         _opt_str(c.get("file"), "checkpoint.file"),
         _int(c.get("seq", 0), "checkpoint.seq"),
         _bool(c.get("fallback", False), "checkpoint.fallback"),
+        _sha(c.get("sha"), "checkpoint.sha"),
     )
     if checkpoint.file is not None and not _CHECKPOINT_FILE.fullmatch(checkpoint.file):
         raise ValueError(

@@ -1,61 +1,87 @@
-"""``meta.sqlite``: image rows, the log of vector-set changes, and a few counters.
+"""``meta.sqlite``: image rows, the log of vector-set changes, block digests, counters.
 
 SQLite is the source of truth of an index: which images exist, their metadata, which row
 (``slot``) of the vector file holds each one's descriptor, and the ``ops`` log from which
 any reader can bring a faiss checkpoint up to date. WAL mode lets readers keep a consistent
 snapshot while the single writer commits; ``synchronous=FULL`` makes each commit durable.
 
-``images.seq`` is the ops seq of the row's last vector change (for ``'error'`` rows, the
-newest seq when the row was written), so "changed since seq X" is one query. ``kv`` keys:
-``schema_version``; ``n_rows`` (committed rows of the vector file);
-``vectors_file`` (its current name); ``ops_pruned_through`` (ops with a seq up to this were
-deleted by a compaction, so replay must start from a checkpoint at least that recent).
+``images.path`` is the display form of the file name (:func:`~lookalike.index.conf.
+display_path`: valid UTF-8), ``images.raw_path`` its bytes when they are not UTF-8 (else
+NULL); an image is identified by its file system bytes (``coalesce(raw_path, path)``, one
+unique index). ``images.seq`` is the ops seq of the row's last vector change (for
+``'error'`` rows, the newest seq when the row was written), so "changed since seq X" is one
+query. ``vector_blocks`` holds a digest per block of the vector file's committed rows.
+``kv`` keys: ``schema_version``; ``n_rows`` (committed rows of the vector file);
+``vectors_file`` (its current name); ``block_rows`` (rows per digest block);
+``ops_pruned_through`` (ops with a seq up to this were deleted by a compaction, so replay
+must start from a checkpoint at least that recent).
+
+Schema 1 (before non-UTF-8 names and block digests) is read as it is, its blocks
+unchecked; a writer migrates it in place (:func:`lookalike.index.upgrade.migrate_schema`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.index.conf import ImageRecord, NewImage
-from lookalike.index.vectors import DEFAULT_NAME
+from lookalike.errors import IndexStateError
+from lookalike.index.conf import ImageRecord, NewImage, display_path, display_text, fs_bytes
+from lookalike.index.vectors import BLOCK_ROWS, DEFAULT_NAME, Block
 from lookalike.storage import Database
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "meta.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
+IMAGES_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT UNIQUE NOT NULL,
+    path TEXT NOT NULL,
+    raw_path BLOB,
     content_hash TEXT,
     size INTEGER,
     mtime REAL,
     width INTEGER,
     height INTEGER,
-    metadata TEXT NOT NULL DEFAULT '{}',
+    metadata TEXT NOT NULL DEFAULT '{{}}',
     status TEXT NOT NULL CHECK (status IN ('ok', 'error')),
     error TEXT,
     slot INTEGER,
     seq INTEGER NOT NULL,
     added TEXT,
     updated TEXT
-);
-CREATE INDEX IF NOT EXISTS images_status ON images(status);
+)"""
+KEY = "coalesce(raw_path, CAST(path AS BLOB))"  # an image's file system bytes
+IMAGES_INDEXES = (
+    f"CREATE UNIQUE INDEX IF NOT EXISTS images_name ON images({KEY})",
+    "CREATE INDEX IF NOT EXISTS images_path ON images(path)",
+    "CREATE INDEX IF NOT EXISTS images_status ON images(status)",
+)
+BLOCKS_TABLE = """
+CREATE TABLE IF NOT EXISTS vector_blocks (
+    block INTEGER PRIMARY KEY,
+    rows INTEGER NOT NULL,
+    digest TEXT NOT NULL
+)"""
+OPS_TABLE = """
 CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
     image_id INTEGER NOT NULL,
     slot INTEGER
-);
-"""
+)"""
+_SCHEMA = (
+    ";\n".join([IMAGES_TABLE.format(name="images"), *IMAGES_INDEXES, OPS_TABLE, BLOCKS_TABLE]) + ";"
+)
 
-RECORD_COLUMNS = "id, path, content_hash, size, mtime, width, height, metadata, status, error"
+COLUMNS = "id, path, content_hash, size, mtime, width, height, metadata, status, error"
+RECORD_COLUMNS = COLUMNS + ", raw_path"
 PAGE = 1000  # rows fetched per query when iterating
 
 
@@ -72,7 +98,37 @@ def to_record(row: tuple) -> ImageRecord:
         metadata=json.loads(row[7]) if row[7] else {},
         status=row[8],
         error=row[9],
+        raw_path=None if row[10] is None else bytes(row[10]),
     )
+
+
+def stored_name(path: str) -> tuple[str, bytes | None]:
+    """``(display form, bytes or None)``: how a file name is stored (None: it is UTF-8)."""
+    raw = fs_bytes(path)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return display_path(raw), raw
+
+
+def _is_text(path: str) -> bool:
+    """Whether ``path`` is valid text (a display form may be), not a file system form
+    carrying bytes that are not UTF-8."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json(value: object) -> str:
+    """JSON SQLite can store: text that is not UTF-8 (surrogate escapes) is escaped."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, ensure_ascii=True, sort_keys=True)
+    return text
 
 
 class MetaDB(Database):
@@ -92,10 +148,82 @@ class MetaDB(Database):
                 "schema_version": SCHEMA_VERSION,
                 "n_rows": 0,
                 "vectors_file": DEFAULT_NAME,
+                "block_rows": BLOCK_ROWS,
                 "ops_pruned_through": 0,
             },
             damaged="the index is damaged, rebuild it into a new --index directory",
         )
+        self.detect()
+
+    def detect(self) -> None:
+        """Read which schema the file has (schema 1: no ``raw_path``, no block digests)."""
+        try:
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
+            tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as error:
+            raise IndexStateError(f"cannot read {self.path} ({error}); {self.damaged}") from None
+        if "images" not in tables or "ops" not in tables or "kv" not in tables:
+            raise IndexStateError(f"{self.path} holds no index tables; {self.damaged}")
+        self.has_raw = "raw_path" in columns
+        self.has_blocks = "vector_blocks" in tables
+        self._columns = RECORD_COLUMNS if self.has_raw else COLUMNS + ", NULL"
+        self._key = KEY if self.has_raw else "CAST(path AS BLOB)"
+
+    def schema_version(self) -> int:
+        return self.kv_int("schema_version", 1)
+
+    def block_rows(self) -> int:
+        return self.kv_int("block_rows", BLOCK_ROWS)
+
+    # -- block digests ----------------------------------------------------------------------
+
+    def blocks(self) -> dict[int, Block]:
+        """The recorded block digests of the current vector file (none for schema 1)."""
+        if not self.has_blocks:
+            return {}
+        rows = self.conn.execute("SELECT block, rows, digest FROM vector_blocks").fetchall()
+        return {int(b): Block(int(b), int(n), d) for b, n, d in rows}
+
+    def blocks_of(self, indices: list[int]) -> dict[int, Block]:
+        """The recorded digests of the blocks ``indices`` (those recorded)."""
+        if not self.has_blocks or not indices:
+            return {}
+        if len(indices) > 256:  # a large read: one scan of the (small) table
+            wanted = set(indices)
+            return {i: b for i, b in self.blocks().items() if i in wanted}
+        marks = ",".join("?" * len(indices))
+        rows = self.conn.execute(
+            f"SELECT block, rows, digest FROM vector_blocks WHERE block IN ({marks})", indices
+        ).fetchall()
+        return {int(b): Block(int(b), int(n), d) for b, n, d in rows}
+
+    def block(self, index: int) -> Block | None:
+        if not self.has_blocks:
+            return None
+        row = self.conn.execute(
+            "SELECT block, rows, digest FROM vector_blocks WHERE block = ?", (index,)
+        ).fetchone()
+        return None if row is None else Block(int(row[0]), int(row[1]), row[2])
+
+    def set_blocks(self, blocks: list[Block], replace_all: bool = False) -> None:
+        """Record block digests (call inside :meth:`write`)."""
+        if replace_all:
+            self.conn.execute("DELETE FROM vector_blocks")
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO vector_blocks(block, rows, digest) VALUES (?, ?, ?)",
+            [(b.index, b.rows, b.digest) for b in blocks],
+        )
+
+    def images_at_slots(self, slots: list[int]) -> list[tuple[int, str]]:
+        """``(id, path)`` of the images whose current vector is at one of ``slots``."""
+        found: list[tuple[int, str]] = []
+        for begin in range(0, len(slots), 500):
+            chunk = [int(s) for s in slots[begin : begin + 500]]
+            marks = ",".join("?" * len(chunk))
+            found += self.conn.execute(
+                f"SELECT id, path FROM images WHERE slot IN ({marks}) AND status = 'ok'", chunk
+            ).fetchall()
+        return sorted(found)
 
     # -- small queries (run inside or outside a transaction) --------------------------------
 
@@ -151,15 +279,23 @@ class MetaDB(Database):
             chunk = ids[begin : begin + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM images WHERE id IN ({marks})", chunk
+                f"SELECT {self._columns} FROM images WHERE id IN ({marks})", chunk
             ):
                 found[int(row[0])] = to_record(row)
         return found
 
     def find_path(self, path: str) -> ImageRecord | None:
+        """The record of ``path``: its file system form, or the display form of a name that
+        is not UTF-8 (as ``info`` shows it)."""
+        key = fs_bytes(path)
         row = self.conn.execute(
-            f"SELECT {RECORD_COLUMNS} FROM images WHERE path = ?", (path,)
+            f"SELECT {self._columns} FROM images WHERE {self._key} = ?", (key,)
         ).fetchone()
+        if row is None and self.has_raw and _is_text(path):
+            row = self.conn.execute(
+                f"SELECT {self._columns} FROM images WHERE path = ? AND raw_path IS NOT NULL",
+                (path,),
+            ).fetchone()
         return None if row is None else to_record(row)
 
     def page(self, after_id: int, status: str | None) -> list[ImageRecord]:
@@ -167,7 +303,7 @@ class MetaDB(Database):
         where = "id > ?" + ("" if status is None else " AND status = ?")
         args: tuple = (after_id,) if status is None else (after_id, status)
         rows = self.conn.execute(
-            f"SELECT {RECORD_COLUMNS} FROM images WHERE {where} ORDER BY id LIMIT {PAGE}", args
+            f"SELECT {self._columns} FROM images WHERE {where} ORDER BY id LIMIT {PAGE}", args
         ).fetchall()
         return [to_record(row) for row in rows]
 
@@ -185,16 +321,39 @@ class MetaDB(Database):
 
     # -- writes (call inside :meth:`write`) -------------------------------------------------
 
-    def lookup_paths(self, paths: list[str]) -> dict[str, tuple[int, int | None]]:
-        """``path -> (id, slot)`` for the paths already stored."""
+    def lookup_paths(
+        self, paths: list[str], display: bool = False
+    ) -> dict[str, tuple[int, int | None]]:
+        """``path -> (id, slot)`` for the paths already stored, keyed as given.
+
+        Args:
+            paths: file system forms (bytes that are not UTF-8 as surrogate escapes).
+            display: also match the display form of a stored name that is not UTF-8
+                (a name typed as ``info`` shows it); a writer adding files never does.
+        """
+        keys: dict[bytes, str] = {}
+        for path in paths:
+            keys.setdefault(fs_bytes(path), path)
         found: dict[str, tuple[int, int | None]] = {}
-        for begin in range(0, len(paths), 500):
-            chunk = paths[begin : begin + 500]
+        wanted = list(keys)
+        for begin in range(0, len(wanted), 500):
+            chunk = wanted[begin : begin + 500]
             marks = ",".join("?" * len(chunk))
-            for image_id, path, slot in self.conn.execute(
-                f"SELECT id, path, slot FROM images WHERE path IN ({marks})", chunk
+            for image_id, key, slot in self.conn.execute(
+                f"SELECT id, {self._key}, slot FROM images WHERE {self._key} IN ({marks})", chunk
             ):
-                found[path] = (int(image_id), slot)
+                found[keys[bytes(key)]] = (int(image_id), slot)
+        rest = [p for p in paths if p not in found and _is_text(p)]
+        if display and rest and self.has_raw:
+            for begin in range(0, len(rest), 500):
+                chunk = rest[begin : begin + 500]
+                marks = ",".join("?" * len(chunk))
+                for image_id, path, slot in self.conn.execute(
+                    f"SELECT id, path, slot FROM images WHERE path IN ({marks}) "
+                    "AND raw_path IS NOT NULL",
+                    chunk,
+                ):
+                    found.setdefault(path, (int(image_id), slot))
         return found
 
     def upsert_image(
@@ -203,10 +362,10 @@ class MetaDB(Database):
         """Insert ``image`` (``image_id`` None) or replace the fields of row ``image_id``."""
         status = "ok" if image.error is None else "error"
         try:
-            metadata = json.dumps(image.metadata or {}, ensure_ascii=False, sort_keys=True)
+            metadata = _json(image.metadata or {})
         except (TypeError, ValueError) as error:
             raise ValueError(
-                f"metadata of {image.path} is not JSON-serialisable: {error}"
+                f"metadata of {display_path(image.path)} is not JSON-serialisable: {error}"
             ) from None
         fields = (
             image.content_hash,
@@ -216,17 +375,18 @@ class MetaDB(Database):
             image.height,
             metadata,
             status,
-            image.error,
+            None if image.error is None else display_text(image.error),
             slot,
             seq,
             stamp,
         )
         if image_id is None:
+            path, raw = stored_name(image.path)
             cur = self.conn.execute(
                 "INSERT INTO images(content_hash, size, mtime, width, height, metadata, status, "
-                "error, slot, seq, updated, path, added) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*fields, image.path, stamp),
+                "error, slot, seq, updated, path, raw_path, added) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*fields, path, raw, stamp),
             )
             return int(cur.lastrowid)
         self.conn.execute(
@@ -259,6 +419,15 @@ class MetaDB(Database):
         self.conn.executemany(
             "UPDATE images SET slot = ? WHERE id = ?",
             zip(slots.tolist(), ids.tolist(), strict=True),
+        )
+
+    def mark_for_redescription(self, ids: list[int], reason: str, seq: int, stamp: str) -> None:
+        """Take images out of the searchable set so that the next indexing run describes
+        them again (status ``'error'`` with ``reason``, no slot, size and mtime cleared)."""
+        self.conn.executemany(
+            "UPDATE images SET status = 'error', error = ?, slot = NULL, size = NULL, "
+            "mtime = NULL, seq = ?, updated = ? WHERE id = ?",
+            [(reason, seq, stamp, int(i)) for i in ids],
         )
 
     def prune_ops(self, through_seq: int) -> None:

@@ -8,7 +8,14 @@ An index is a directory::
     vectors.f32         raw float32 descriptors, append-only, row = slot
     whitening.npz       the learned whitening (optional)
     <backend>-<seq>.index   vector backend checkpoint covering the ops up to <seq>
+    dba.npz             the database-side augmentation (optional, lookalike.rerank.dba)
+    local/              local features (optional, lookalike.local.store)
     lock                held by the single writer
+
+Nothing else is read or written, and none of these is ever followed as a link (see
+:mod:`lookalike.confined`); the directory itself may be a link the user made. Opening checks
+what is cheap: sizes, and the digests of the files it loads anyway (the whitening, the
+checkpoint); ``lookalike check`` checks everything (:mod:`lookalike.index.check`).
 
 Durability: vectors are appended and fsynced *before* the SQLite transaction that references
 them commits; every other file is replaced atomically (see :mod:`lookalike.storage`). A
@@ -93,6 +100,7 @@ class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
         self._loader = Loader(root, db, manifest.dim, manifest.index)
         self._view: View | None = None
         self._stale = False  # committed ops not yet replayed into the writer's view
+        self._block_state = None  # the writer's hash of the vector file's last block
         self._closed = False
         self._brief = False  # a reader holding the writer lock in try_writer()
         self._token = self._change_token()
@@ -182,7 +190,9 @@ class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
         return cls(root, manifest, db, lock)
 
     @classmethod
-    def open(cls, path: str | Path, writable: bool = False) -> IndexStore:
+    def open(
+        cls, path: str | Path, writable: bool = False, *, _repairing: bool = False
+    ) -> IndexStore:
         """Open an existing index.
 
         Args:
@@ -192,7 +202,8 @@ class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
                 :meth:`refresh`. A writer upgrades an index of the previous format in place.
 
         Raises:
-            IndexStateError: missing, not an index, damaged, or a newer format.
+            IndexStateError: missing, not an index, damaged (naming what to do), or a
+                newer format.
         """
         root = Path(path).expanduser()
         read_manifest(root)  # a clear error before creating a lock file in a random dir
@@ -206,8 +217,10 @@ class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
             store = cls(root, read_complete(root, db), db, lock)
             if writable:
                 store._manifest = finish_upgrade(root, db, store._manifest)
-                store._recover()
-            else:
+                store._recover(strict=not _repairing)
+            if not _repairing:
+                store._loader.check_sizes()
+            if not writable:
                 store._view = store._loader.load()
         except BaseException:
             if db is not None:
@@ -265,7 +278,7 @@ class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
             self._check_open()
             if self._view is not None:
                 return self._view.whitening
-            return load_whitening(self.path)
+            return load_whitening(self.path, self._manifest.whitening)
 
     def check_compatible(self, descriptor: dict, conf: IndexConf | None = None) -> None:
         """Refuse settings other than those the index was built with.

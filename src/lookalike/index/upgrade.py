@@ -1,4 +1,5 @@
-"""Format 1 indexes: reading them as format 2, and upgrading them in place.
+"""Older indexes: format 1 manifests read as format 2 and upgraded in place, and schema 1
+``meta.sqlite`` files migrated to schema 2 (:func:`migrate_schema`).
 
 Format 1 (lookalike before the typed manifest) kept the query defaults and the local-feature
 settings in ``meta.sqlite``'s ``kv`` table, under :data:`V1_SETTINGS_KEY`, as the JSON
@@ -14,6 +15,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from lookalike.errors import IndexStateError
 from lookalike.index.manifest import (
     REBUILD,
@@ -23,6 +26,15 @@ from lookalike.index.manifest import (
     read_manifest,
     write_manifest,
 )
+from lookalike.index.metadata import (
+    BLOCKS_TABLE,
+    COLUMNS,
+    IMAGES_INDEXES,
+    IMAGES_TABLE,
+    SCHEMA_VERSION,
+    MetaDB,
+)
+from lookalike.index.vectors import BLOCK_ROWS, CHUNK_ROWS, BlockHasher, VectorFile
 from lookalike.storage import Database
 
 logger = logging.getLogger(__name__)
@@ -99,3 +111,60 @@ def finish_upgrade(root: Path, db: Database, manifest: Manifest) -> Manifest:
         with db.write():
             db.kv_delete(V1_SETTINGS_KEY)
     return manifest
+
+
+def migrate_schema(db: MetaDB, vectors: VectorFile, n_rows: int) -> bool:
+    """Bring a schema 1 ``meta.sqlite`` to schema 2 in place, in one transaction (a writer
+    only; readers read schema 1 as it is); returns whether anything changed.
+
+    The ``images`` table is rebuilt with ``raw_path`` and the unique index on the file
+    system bytes (the ids and the AUTOINCREMENT counter are kept), and ``vector_blocks``
+    is created and filled with the digests of the rows the vector file holds now.
+    """
+    if db.schema_version() >= SCHEMA_VERSION and db.has_raw and db.has_blocks:
+        return False
+    block_rows = BLOCK_ROWS
+    held = min(n_rows, vectors.size_rows() or 0)
+    blocks = []
+    if held:
+        hasher = BlockHasher(block_rows, vectors.row_bytes)
+        mapped = vectors.map(held)
+        for begin in range(0, held, CHUNK_ROWS):
+            chunk = np.ascontiguousarray(mapped[begin : begin + CHUNK_ROWS])
+            hasher.update(memoryview(chunk.reshape(-1).view(np.uint8)))
+        del mapped
+        blocks = hasher.blocks()
+    with db.write() as conn:
+        if not db.has_raw:
+            counter = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'images'"
+            ).fetchone()
+            conn.execute(IMAGES_TABLE.format(name="images_v2"))
+            conn.execute(
+                f"INSERT INTO images_v2({COLUMNS}, slot, seq, added, updated) "
+                f"SELECT {COLUMNS}, slot, seq, added, updated FROM images"
+            )
+            conn.execute("DROP TABLE images")
+            conn.execute("ALTER TABLE images_v2 RENAME TO images")
+            for statement in IMAGES_INDEXES:
+                conn.execute(statement)
+            if counter is not None:
+                conn.execute(
+                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'images'",
+                    (int(counter[0]),),
+                )
+                if conn.execute("SELECT changes()").fetchone()[0] == 0:
+                    conn.execute(
+                        "INSERT INTO sqlite_sequence(name, seq) VALUES ('images', ?)",
+                        (int(counter[0]),),
+                    )
+        conn.execute(BLOCKS_TABLE)
+        db.has_blocks = True
+        db.set_blocks(blocks, replace_all=True)
+        db.kv_set("block_rows", block_rows)
+        db.kv_set("schema_version", SCHEMA_VERSION)
+    db.detect()
+    logger.info(
+        "migrated %s to schema %d (%d blocks digested)", db.path, SCHEMA_VERSION, len(blocks)
+    )
+    return True

@@ -4,11 +4,14 @@ Every change to the image set is one SQLite transaction that also appends to the
 log; the in-memory view of the writer (its vector backend) catches up with its own commits
 lazily, through the same replay readers use. Checkpoints, whitening changes and compaction
 replace files atomically in an order that keeps every intermediate state loadable (see each
-method).
+method). The rows a transaction appends are digested by blocks in that same transaction
+(:mod:`lookalike.index.vectors`); every file the manifest names gets its digest recorded
+when it is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -18,16 +21,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lookalike.confined import check_entry, file_digest
 from lookalike.errors import ConfigError
 from lookalike.index.backends import checkpoint_name, is_checkpoint_name, validate_conf
-from lookalike.index.conf import IndexConf, NewImage
-from lookalike.index.loader import WHITENING_NAME, Loader, View, load_whitening
+from lookalike.index.conf import IndexConf, NewImage, fs_bytes
+from lookalike.index.loader import WHITENING_NAME, Loader, View, load_whitening, save_whitening
 from lookalike.index.manifest import CheckpointRef, Manifest, WhiteningState, now_iso
 from lookalike.index.metadata import MetaDB
-from lookalike.index.vectors import check_vectors, is_vectors_name, vectors_name
+from lookalike.index.upgrade import migrate_schema
+from lookalike.index.vectors import (
+    append_digests,
+    check_vectors,
+    is_vectors_name,
+    vectors_name,
+)
 from lookalike.storage import (
     TMP_SUFFIX,
-    atomic_write,
     remove_durably,
     remove_leftovers,
     switch_data_file,
@@ -51,6 +60,7 @@ class WriterMixin:
     _view: View | None
     _stale: bool
     _mutex: threading.RLock
+    _block_state: tuple[str, int, object] | None  # (vector file, rows, hash of its last block)
 
     def _require_writable(self) -> None:  # defined by IndexStore
         raise NotImplementedError
@@ -84,6 +94,7 @@ class WriterMixin:
         for image in images:
             if not isinstance(image, NewImage) or not isinstance(image.path, str) or not image.path:
                 raise ValueError(f"add() takes NewImage records with a path, got {image!r}")
+            fs_bytes(image.path)  # ValueError for text no file name decodes to
         n_ok = sum(image.error is None for image in images)
         if n_ok == 0 and (vectors is None or np.asarray(vectors).size == 0):
             vectors = np.empty((0, self.dim), dtype=np.float32)
@@ -95,11 +106,18 @@ class WriterMixin:
         if len(set(paths)) != len(paths):
             dup = next(p for p in paths if paths.count(p) > 1)
             raise ValueError(f"path {dup!r} appears twice in one add() batch; pass it once")
+        state = None
         with self._mutex, self._db.write():
             existing = self._db.lookup_paths(paths)
             n_rows = self._db.kv_int("n_rows")
             if n_ok:  # durable before the commit that references the rows
-                self._loader.vector_file()[0].append(vectors, n_rows)
+                vector_file = self._loader.vector_file()[0]
+                blocks, state = append_digests(
+                    vector_file, n_rows, vectors, self._db.block_rows(), self._db.block,
+                    getattr(self, "_block_state", None),
+                )  # fmt: skip
+                vector_file.append(vectors, n_rows)
+                self._db.set_blocks(blocks)
             stamp = now_iso()
             for path in paths:  # all removes first: replay then needs two faiss calls
                 image_id, slot = existing.get(path, (None, None))
@@ -117,6 +135,8 @@ class WriterMixin:
                     image_id = self._db.upsert_image(image_id, image, None, seq, stamp)
                 ids.append(image_id)
             self._db.kv_set("n_rows", slot)
+        if n_ok:
+            self._block_state = state
         self._stale = True
         return ids
 
@@ -138,8 +158,31 @@ class WriterMixin:
         """Delete images by stored path (unknown paths are ignored); returns how many."""
         self._require_writable()
         with self._mutex:
-            found = self._db.lookup_paths([str(p) for p in paths])
+            found = self._db.lookup_paths([str(p) for p in paths], display=True)
             return self.remove([image_id for image_id, _ in found.values()])
+
+    def mark_for_redescription(self, ids: Sequence[int], reason: str) -> int:
+        """Take ``'ok'`` images out of the searchable set, kept as ``'error'`` records with
+        ``reason`` and no size or mtime, so that the next indexing run describes their files
+        again (their ids and metadata are kept); returns how many."""
+        self._require_writable()
+        wanted = sorted({int(i) for i in ids})
+        with self._mutex, self._db.write():
+            found = self._db.slots_of(wanted)
+            live = [i for i in wanted if i in found and found[i][1] is not None]
+            for image_id in live:
+                self._db.log_op("remove", image_id, found[image_id][1])
+            self._db.mark_for_redescription(live, reason, self._db.last_seq(), now_iso())
+        self._stale = self._stale or bool(live)
+        return len(live)
+
+    def rebuild_checkpoint(self) -> None:
+        """Rebuild the backend from the vectors and write a fresh checkpoint."""
+        self._require_writable()
+        with self._mutex:
+            view = self._current_view()
+            view.backend, view.seq = self._loader.rebuild(view.whitening)
+            self._write_checkpoint(force=True)
 
     def set_metadata(self, id: int, metadata: dict) -> None:
         """Replace the user metadata of image ``id``.
@@ -190,8 +233,10 @@ class WriterMixin:
         if not force and view.from_checkpoint and current.file and current.seq == view.seq:
             return
         name = checkpoint_name(self.conf, view.seq)
-        view.backend.save(self.path / name)
-        self.update_manifest(checkpoint=CheckpointRef(name, view.seq, not view.backend.trained))
+        sha = view.backend.save(self.path / name)
+        self.update_manifest(
+            checkpoint=CheckpointRef(name, view.seq, not view.backend.trained, sha)
+        )
         view.from_checkpoint = True
         remove_durably(
             [p for p in self.path.iterdir() if is_checkpoint_name(p.name) and p.name != name]
@@ -203,9 +248,10 @@ class WriterMixin:
 
         Order, so that a reader never combines a whitening with a checkpoint built under
         another, nor labels one whitening with the epoch of another: the manifest first
-        (``whitening.epoch`` + 1, no checkpoint), then ``whitening.npz``, then the manifest
-        again (epoch + 1 more: a reader that loaded in between, with either file, reloads),
-        then the rebuild and a fresh checkpoint.
+        (``whitening.epoch`` to the next odd number, no checkpoint), then ``whitening.npz``,
+        then the manifest again (the next even epoch and the file's digest: a reader that
+        loaded in between, with either file, reloads), then the rebuild and a fresh
+        checkpoint.
 
         Raises:
             ConfigError: its input dimension is not ``D``, or the factory rejects its output.
@@ -220,20 +266,22 @@ class WriterMixin:
             validate_conf(self.conf, whitening.dim_out)
         with self._mutex:
             old = self._manifest.whitening
+            mid = old.epoch + 1 if old.epoch % 2 == 0 else old.epoch + 2
             self.update_manifest(
-                whitening=WhiteningState(old.learned, old.dim_out, old.epoch + 1),
+                whitening=WhiteningState(old.learned, old.dim_out, mid, old.sha),
                 checkpoint=CheckpointRef(),
             )
             path = self.path / WHITENING_NAME
+            sha = None
             if whitening is None:
+                check_entry(path)
                 remove_durably([path])
             else:
-                atomic_write(path, whitening.save)
-            epoch = old.epoch + 2
+                sha = save_whitening(path, whitening)
+            epoch = mid + 1
+            dim_out = None if whitening is None else whitening.dim_out
             self.update_manifest(
-                whitening=WhiteningState(
-                    whitening is not None, None if whitening is None else whitening.dim_out, epoch
-                )
+                whitening=WhiteningState(whitening is not None, dim_out, epoch, sha)
             )
             remove_durably([p for p in self.path.iterdir() if is_checkpoint_name(p.name)])
             backend, seq = self._loader.rebuild(whitening)
@@ -261,42 +309,62 @@ class WriterMixin:
             if n_rows == len(ids):
                 return  # no dead rows
             target = self.path / vectors_name(seq)
-            vectors.write_compacted(target, slots, n_rows)
+            blocks = vectors.write_compacted(target, slots, n_rows, self._db.block_rows())
 
             def update(_: object) -> None:
                 self._db.reassign_slots(ids, np.arange(len(ids), dtype=np.int64))
                 self._db.prune_ops(seq)
                 self._db.kv_set("n_rows", len(ids))
+                self._db.set_blocks(blocks, replace_all=True)
 
-            switch_data_file(self._db, "vectors_file", target, update)
+            self._block_state = None
+            switch_data_file(self._db, "vectors_file", target, update, is_vectors_name)
             logger.info("compacted %s: %d of %d vector rows kept", self.path, len(ids), n_rows)
 
-    def _recover(self) -> None:
-        """On opening for writing: delete crash leftovers, reconcile the whitening entry."""
+    def _recover(self, strict: bool = True) -> None:
+        """On opening for writing: migrate an older schema, delete crash leftovers, finish an
+        interrupted whitening change and check the whitening in force.
+
+        Args:
+            strict: refuse a damaged or missing whitening (False: leave it to the caller,
+                ``lookalike repair``).
+
+        Raises:
+            WhiteningDamaged: the whitening the manifest records is missing or damaged.
+        """
         with self._db.snapshot():
-            current_vectors = self._loader.vector_file()[0].path.name
+            vectors, n_rows = self._loader.vector_file()
+        migrate_schema(self._db, vectors, n_rows)
         named = self._manifest.checkpoint.file
         remove_leftovers(
             self.path,
             lambda name: (
                 name.endswith(TMP_SUFFIX)
                 or (is_checkpoint_name(name) and name != named)
-                or (is_vectors_name(name) and name != current_vectors)
+                or (is_vectors_name(name) and name != vectors.path.name)
             ),
         )
-        # A crash inside set_whitening() (which clears the checkpoint first) can leave the
-        # manifest entry and the file disagreeing; the file is what readers apply, so the
-        # entry follows it.
         state = self._manifest.whitening
-        has_file = (self.path / WHITENING_NAME).exists()
-        if state.learned != has_file or (has_file and self._manifest.checkpoint.file is None):
-            whitening = load_whitening(self.path)
-            dim_out = None if whitening is None else whitening.dim_out
-        else:
-            dim_out = state.dim_out
-        if (state.learned, state.dim_out) != (has_file, dim_out):
+        path = self.path / WHITENING_NAME
+        has_file = check_entry(path) is not None
+        if state.changing:
+            # A crash inside set_whitening() (which clears the checkpoint first): the file is
+            # what readers apply, so the entry follows it.
+            whitening = load_whitening(self.path, state)
             self.update_manifest(
-                whitening=WhiteningState(has_file, dim_out, state.epoch + 2),
+                whitening=WhiteningState(
+                    whitening is not None,
+                    None if whitening is None else whitening.dim_out,
+                    state.epoch + 1,
+                    file_digest(path) if whitening is not None else None,
+                ),
                 checkpoint=CheckpointRef(),
             )
             remove_durably([p for p in self.path.iterdir() if is_checkpoint_name(p.name)])
+        elif not state.learned and has_file:  # not the index's: never applied
+            logger.info("removing %s, which the manifest does not record", path)
+            remove_durably([path])
+        elif state.learned and strict:
+            load_whitening(self.path, state)  # WhiteningDamaged: refused, with the remedy
+            if state.sha is None:  # an index from before digests: record it now
+                self.update_manifest(whitening=dataclasses.replace(state, sha=file_digest(path)))

@@ -82,9 +82,9 @@ def relabel_store(
     # apply_labels takes its source as the complete labelling: outside the folder, answer
     # with the label an image already has.
     kept = {
-        str(Path(r.path)): label_of(r.metadata)
+        str(Path(r.fs_path)): label_of(r.metadata)
         for r in store.records("ok")
-        if not Path(r.path).is_relative_to(root)
+        if not Path(r.fs_path).is_relative_to(root)
     }
 
     def scoped(path: Path) -> dict:

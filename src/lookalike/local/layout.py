@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import uuid
 from pathlib import Path
 
-from lookalike.errors import IndexStateError
+from lookalike.confined import check_dir, check_entry, plain_name, read_bytes, unlink_entry
+from lookalike.errors import IndexStateError, StorageError
 from lookalike.local.encoding import library_versions, storage_encoding
 from lookalike.storage import Database, fsync_dir
 
@@ -32,6 +34,7 @@ LOCAL_DIR = "local"
 OLD_MANIFEST_NAME = "manifest.json"  # format 1 kept the description here
 DB_NAME = "local.sqlite"
 DATA_NAME = "features.bin"
+DATA_PATTERN = re.compile(r"features(\.[0-9]+)?\.bin")  # what the store itself writes
 FORMAT = "lookalike-local-features"
 FORMAT_VERSION = 2
 META_KEY = "meta"  # kv entry: JSON {format, format_version, extractor, storage, quantize, versions}
@@ -49,9 +52,22 @@ CREATE TABLE IF NOT EXISTS features (
 
 
 def has_local_store(index_dir: str | Path) -> bool:
-    """Whether the index has a local feature store (of any format)."""
+    """Whether the index has a local feature store (of any format).
+
+    Raises:
+        IndexStateError: ``local`` (or a file of it) is a link or not what the store makes.
+    """
     root = Path(index_dir).expanduser() / LOCAL_DIR
-    return (root / DB_NAME).is_file() or (root / OLD_MANIFEST_NAME).is_file()
+    if not check_dir(root):
+        return False
+    return (
+        check_entry(root / DB_NAME) is not None or check_entry(root / OLD_MANIFEST_NAME) is not None
+    )
+
+
+def data_name(name: str | None, root: Path) -> str:
+    """``local.sqlite``'s ``data_file`` entry, refused unless it is a data file name."""
+    return plain_name(name, DATA_PATTERN, f"{root / DB_NAME}'s data_file", damaged(root))
 
 
 def damaged(root: Path) -> str:
@@ -85,8 +101,8 @@ def read_description(root: Path, conn: sqlite3.Connection | None = None) -> dict
             row = conn.execute("SELECT value FROM kv WHERE key = ?", (META_KEY,)).fetchone()
         if row is not None:
             meta = json.loads(row[0])
-        elif (root / OLD_MANIFEST_NAME).is_file():
-            meta = json.loads((root / OLD_MANIFEST_NAME).read_text(encoding="utf-8"))
+        elif check_entry(root / OLD_MANIFEST_NAME) is not None:
+            meta = json.loads(read_bytes(root / OLD_MANIFEST_NAME)[0].decode("utf-8"))
         else:
             raise ValueError("no description")
     except (OSError, ValueError, sqlite3.Error) as error:
@@ -114,7 +130,8 @@ def stored_extractor(index_dir: str | Path) -> dict | None:
     if not has_local_store(index_dir):
         return None
     root = Path(index_dir).expanduser() / LOCAL_DIR
-    db = Database(root / DB_NAME, damaged=damaged(root)) if (root / DB_NAME).is_file() else None
+    has_db = check_entry(root / DB_NAME) is not None
+    db = Database(root / DB_NAME, damaged=damaged(root)) if has_db else None
     try:
         return read_description(root, None if db is None else db.conn)["extractor"]
     finally:
@@ -167,16 +184,16 @@ def upgrade_description(db: Database, root: Path, meta: dict) -> dict:
     force. Where the directory or the database cannot be written (a read-only directory)
     nothing changes and the old file is read as before."""
     old = root / OLD_MANIFEST_NAME
-    if not old.exists():
+    if check_entry(old) is None:
         return meta
     upgraded = {**meta, "format_version": FORMAT_VERSION}
     try:
         with db.write():
             if db.kv_get(META_KEY) is None:
                 db.kv_set(META_KEY, json.dumps(upgraded, sort_keys=True))
-        old.unlink()
+        unlink_entry(old)
         fsync_dir(root)
-    except (OSError, sqlite3.Error) as error:
+    except (OSError, sqlite3.Error, StorageError) as error:
         logger.debug("local feature store %s not upgraded: %s", root, error)
         return meta
     logger.info("moved %s into %s", old, DB_NAME)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from lookalike.errors import IndexStateError
+from lookalike.confined import EntryRefused
+from lookalike.errors import IndexStateError, StorageError
 from lookalike.images import crop_image, read_image
 from lookalike.local.conf import VerifyConf
 from lookalike.local.features import LocalExtractor, empty_features
@@ -98,7 +99,7 @@ class IndexFeatures:
         if self._local is None and (create or has_local_store(self.store.path)):
             try:
                 self._local = open_local_store(self.store.path, self.conf, create=create)
-            except (OSError, sqlite3.Error) as error:
+            except (OSError, sqlite3.Error, StorageError) as error:
                 logger.warning("local features of %s unavailable: %s", self.store.path, error)
         return self._local
 
@@ -189,7 +190,9 @@ class IndexFeatures:
                     if local is None:
                         return False
                     local.put_many([(i, f) for i, f, _ in items], [t for *_, t in items])
-                except (OSError, sqlite3.Error, IndexStateError) as error:
+                except EntryRefused:  # a link planted in local/: refused, never written
+                    raise
+                except (OSError, sqlite3.Error, IndexStateError, StorageError) as error:
                     logger.warning("local features are cached in memory only: %s", error)
                     return False
         return True

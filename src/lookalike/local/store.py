@@ -41,6 +41,7 @@ missing (see :meth:`LocalFeatureStore.get_many`).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.confined import open_fd
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.local.encoding import RecordCodec
 from lookalike.local.features import default_local_settings, local_feature_class
@@ -64,6 +66,7 @@ from lookalike.local.layout import (
     connect,
     create_store,
     damaged,
+    data_name,
     has_local_store,
     read_description,
     stored_extractor,
@@ -240,7 +243,7 @@ class LocalFeatureStore:
             return
         encoded = [self._codec.encode(f) for _, f in items]
         with self._mutex, self._write():
-            name, end = self._kv("data_file"), int(self._kv("data_end"))
+            name, end = data_name(self._kv("data_file"), self.root), int(self._kv("data_end"))
             rows, offset = [], end
             for (image_id, _), (record, n, w, h), tag in zip(items, encoded, tags, strict=True):
                 rows.append((image_id, offset, n, w, h, tag))
@@ -277,7 +280,7 @@ class LocalFeatureStore:
         """
         with self._mutex:
             with self._snapshot():
-                name, end = self._kv("data_file"), int(self._kv("data_end"))
+                name, end = data_name(self._kv("data_file"), self.root), int(self._kv("data_end"))
                 gen = int(self._kv("gen")) + 1
                 rows = self._conn.execute(
                     "SELECT id, offset, n FROM features ORDER BY id"
@@ -304,7 +307,9 @@ class LocalFeatureStore:
 
             self._map, self._map_name = None, None
             try:
-                switch_data_file(self._db, "data_file", target, update)
+                switch_data_file(
+                    self._db, "data_file", target, update, lambda n: _is_data_name(n, "")
+                )
             except _Changed:  # compaction only saves space: the next one will do
                 logger.info("compaction of %s skipped: features were added meanwhile", self.root)
                 return
@@ -318,13 +323,15 @@ class LocalFeatureStore:
             return np.zeros(0, np.uint8)
         if self._map is None or self._map_name != name or len(self._map) < end:
             path = self.root / name
-            size = path.stat().st_size  # FileNotFoundError: replaced by a compaction, retry
-            if size < end:
-                raise IndexStateError(
-                    f"{path} holds {size} bytes but {DB_NAME} references {end}; the local "
-                    f"features are damaged, delete {self.root} and compute them again"
-                )
-            self._map = np.memmap(path, dtype=np.uint8, mode="r")
+            # FileNotFoundError: replaced by a compaction, retry
+            with os.fdopen(open_fd(path, os.O_RDONLY), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < end:
+                    raise IndexStateError(
+                        f"{path} holds {size} bytes but {DB_NAME} references {end}; the local "
+                        f"features are damaged, delete {self.root} and compute them again"
+                    )
+                self._map = np.memmap(f, dtype=np.uint8, mode="r")
             self._map_name = name
         return self._map
 
@@ -369,7 +376,7 @@ class LocalFeatureStore:
                         chunk,
                     ):
                         found[int(row[0])] = row[1:]
-                name, end = self._kv("data_file"), int(self._kv("data_end"))
+                name, end = data_name(self._kv("data_file"), self.root), int(self._kv("data_end"))
             return found, self._mapped(name, end)
 
         with self._mutex:

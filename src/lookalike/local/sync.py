@@ -165,7 +165,7 @@ def describe_into(
         ``({id: features} of every image described, [(id, features, tag)] storable)``.
     """
     records = [r for r in store.get(ids) if r is not None]
-    paths = [r.path for r in records]
+    paths = [r.fs_path for r in records]  # as open() takes them (names not UTF-8)
     if progress:
         progress(0, len(records))
     out: dict[int, dict] = {}

@@ -8,7 +8,10 @@ live index-space vectors, whatever faiss structure the index uses.
 
 Stored as ``dba.npz`` in the index directory, replaced atomically: the augmented vectors,
 the neighbour lists (image ids and similarities), ``k``, ``alpha`` and the
-:meth:`~lookalike.index.VectorSource.version` ``(seq, epoch)`` they were computed at. A DBA
+:meth:`~lookalike.index.VectorSource.version` ``(seq, epoch)`` they were computed at. Its
+digest is recorded in the manifest (``dba.sha``) each time it is saved
+(:func:`store_dba`) and checked when it is read (:func:`load_stored`): a damaged one is
+computed again. A DBA
 whose version differs from the index's is stale and is never searched: the re-ranking stage
 brings it up to date first (:meth:`DBAIndex.update`). The stage, the per-index state that
 keeps one DBA current and the writer-side sync are in :mod:`lookalike.rerank.dba_stage`.
@@ -31,17 +34,25 @@ against ``O(N^2 x d)`` for a rebuild, so everything is recomputed instead when m
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from lookalike.confined import read_bytes
 from lookalike.errors import ConfigError, IndexStateError
+from lookalike.index.manifest import DBASettings, read_manifest
 from lookalike.index.source import LiveVectors, VectorSource
 from lookalike.rerank.functional import dba, knn_lists
 from lookalike.storage import atomic_write
+
+if TYPE_CHECKING:
+    from lookalike.index import IndexStore
 
 logger = logging.getLogger(__name__)
 
@@ -281,12 +292,14 @@ class DBAIndex:
 
     # -- persistence -------------------------------------------------------------------------
 
-    def save(self, path: Path, unique: bool = False) -> Path:
+    def save(self, path: Path, unique: bool = False) -> str:
         """Write the state to ``path`` (``<index>/dba.npz``) atomically; the caller holds
-        the index's writer lock. ``unique``: a scratch name of this call only.
+        the index's writer lock and records the returned digest (:func:`store_dba` does
+        both). ``unique``: a scratch name of this call only.
 
         Raises:
             IndexStateError: the state is stale.
+            StorageError: the directory cannot be written.
         """
         with self._lock:
             self._require_current()
@@ -298,31 +311,39 @@ class DBAIndex:
                 "epoch": self.epoch,
             }
 
-            def write(tmp: Path) -> None:
-                with open(tmp, "wb") as f:
-                    np.savez(
-                        f,
-                        meta=np.array(json.dumps(meta)),
-                        ids=self.ids,
-                        neighbours=self.neighbours,
-                        sims=self.sims,
-                        vectors=self.vectors,
-                    )
+            def write(f: BinaryIO) -> None:
+                np.savez(
+                    f,
+                    meta=np.array(json.dumps(meta)),
+                    ids=self.ids,
+                    neighbours=self.neighbours,
+                    sims=self.sims,
+                    vectors=self.vectors,
+                )
 
-            atomic_write(path, write, unique=unique)
-            return path
+            return atomic_write(path, write, unique=unique)
 
     @classmethod
-    def load(cls, path: Path, source: VectorSource) -> DBAIndex | None:
+    def load(cls, path: Path, source: VectorSource, sha: str | None = None) -> DBAIndex | None:
         """The DBA stored at ``path`` (maybe stale), or None if there is none.
 
+        Args:
+            path: ``<index>/dba.npz``.
+            source: the index's vectors.
+            sha: the digest the file must have (None: unchecked).
+
         Raises:
-            IndexStateError: the file is damaged or of a newer format.
+            IndexStateError: the file is damaged (or not the one of digest ``sha``), a link,
+                or of a newer format.
         """
-        if not path.exists():
-            return None
         try:
-            with np.load(path, allow_pickle=False) as data:
+            content, digest = read_bytes(path)
+        except FileNotFoundError:
+            return None
+        if sha is not None and digest != sha:
+            raise DigestDiffers(f"{path} is not the DBA the manifest records (its digest differs)")
+        try:
+            with np.load(io.BytesIO(content), allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {key: data[key] for key in ("ids", "neighbours", "sims", "vectors")}
             k, alpha = int(meta["k"]), float(meta["alpha"])
@@ -346,6 +367,40 @@ class DBAIndex:
             arrays["sims"],
             arrays["vectors"],
         )
+
+
+class DigestDiffers(IndexStateError):
+    """``dba.npz`` is not the file whose digest the manifest records."""
+
+
+def load_stored(store: IndexStore, attempts: int = 3) -> DBAIndex | None:
+    """The DBA stored in ``store``'s directory (maybe stale), checked against the digest
+    the manifest records; None when there is none.
+
+    A writer replaces the file, then the manifest: a digest that differs is compared with
+    the manifest on disk again, a few times, before the file is called damaged.
+
+    Raises:
+        IndexStateError: the file is damaged (the caller computes the DBA again).
+    """
+    path = store.path / DBA_NAME
+    recorded = store.manifest.dba
+    for attempt in range(attempts):
+        try:
+            return DBAIndex.load(path, store.vector_source(), recorded and recorded.sha)
+        except DigestDiffers:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+            recorded = read_manifest(store.path).dba
+    return None  # pragma: no cover - the loop returns or raises
+
+
+def store_dba(store: IndexStore, index: DBAIndex, unique: bool = False) -> None:
+    """Save ``index`` as the index's ``dba.npz`` and record it (settings and digest) in the
+    manifest; the caller holds the writer lock (a writer, or a reader in ``try_writer``)."""
+    sha = index.save(store.path / DBA_NAME, unique=unique)
+    store.update_manifest(dba=DBASettings(index.k, index.alpha, sha))
 
 
 def build_dba(source: VectorSource, k: int = 5, alpha: float = 1.0) -> DBAIndex:

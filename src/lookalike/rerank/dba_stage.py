@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lookalike.errors import ConfigError, IndexStateError
-from lookalike.index.manifest import DBASettings
+from lookalike.confined import EntryRefused
+from lookalike.errors import ConfigError, IndexStateError, StorageError
 from lookalike.query import QueryContext
 from lookalike.ranking import Ranking
-from lookalike.rerank.dba import DBA_NAME, DBAIndex, build_dba, check_params
+from lookalike.rerank.dba import DBAIndex, build_dba, check_params, load_stored, store_dba
 from lookalike.rerank.functional import alpha_qe, max_fuse
 from lookalike.rerank.qe import QE_PRESETS, QEConf, top_valid
 
@@ -68,7 +68,9 @@ DBA_PRESETS: dict[str, DBAConf] = {
 def _load(store: IndexStore) -> DBAIndex | None:
     """The stored DBA of ``store``, None when there is none or it is damaged (logged)."""
     try:
-        return DBAIndex.load(store.path / DBA_NAME, store.vector_source())
+        return load_stored(store)
+    except EntryRefused:  # a link or a directory at dba.npz: refused, never replaced
+        raise
     except IndexStateError as error:
         logger.warning("%s; computing it again", error)
         return None
@@ -112,8 +114,8 @@ class DBAState:
         self.recomputed += index.update()
         if self.store.writable and (index.seq, index.epoch) != before:
             try:
-                index.save(self.store.path / DBA_NAME)
-            except (OSError, IndexStateError) as error:  # changed again: the next one saves
+                store_dba(self.store, index)
+            except (OSError, IndexStateError, StorageError) as error:  # the next one saves
                 logger.debug("updated DBA of %s not saved: %s", self.store.path, error)
 
     def _open(self) -> DBAIndex:
@@ -164,7 +166,7 @@ class DBAState:
             if not ok:
                 return False
             recorded = self.store.manifest.dba
-            if recorded is not None and recorded != DBASettings(self.k, self.alpha):
+            if recorded is not None and not recorded.same(self.k, self.alpha):
                 logger.info(
                     "index %s keeps a DBA with k=%d alpha=%g: this one stays in memory",
                     self.store.path,
@@ -173,9 +175,8 @@ class DBAState:
                 )
                 return False
             try:
-                index.save(self.store.path / DBA_NAME, unique=not self.store.writable)
-                self.store.update_manifest(dba=DBASettings(self.k, self.alpha))
-            except (OSError, IndexStateError) as error:
+                store_dba(self.store, index, unique=not self.store.writable)
+            except (OSError, IndexStateError, StorageError) as error:
                 logger.debug("DBA of %s not stored: %s", self.store.path, error)
                 return False
         return True
@@ -251,9 +252,12 @@ def sync_dba(store: IndexStore) -> DBAIndex | None:
         current = build_dba(store.vector_source(), recorded.k, recorded.alpha)
     before = (current.seq, current.epoch)
     current.update()
-    if changed or (current.seq, current.epoch) != before:
-        current.save(store.path / DBA_NAME)
-    settings = DBASettings(current.k, current.alpha)
-    if recorded != settings:
-        store.update_manifest(dba=settings)
+    unrecorded = recorded is None or recorded.sha is None
+    if (
+        changed
+        or unrecorded
+        or (current.seq, current.epoch) != before
+        or not recorded.same(current.k, current.alpha)
+    ):
+        store_dba(store, current)
     return current

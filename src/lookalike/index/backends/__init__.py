@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.index.backends.base import CheckpointError, VectorBackend
+from lookalike.index.backends.base import CheckpointError, DigestMismatch, VectorBackend
 from lookalike.index.backends.faiss_backend import FaissBackend
 from lookalike.index.backends.numpy_backend import NumpyBackend
 from lookalike.index.conf import IndexConf
@@ -66,9 +66,10 @@ def create_backend(conf: IndexConf, dim: int) -> VectorBackend:
     return backend_class(conf).create(conf, int(dim))
 
 
-def load_backend(path: Path, conf: IndexConf) -> VectorBackend:
-    """Read a checkpoint of ``conf.backend`` (``CheckpointError`` if unreadable)."""
-    return backend_class(conf).load(path, conf)
+def load_backend(path: Path, conf: IndexConf, sha: str | None = None) -> VectorBackend:
+    """Read a checkpoint of ``conf.backend`` (``CheckpointError`` if unreadable,
+    ``DigestMismatch`` if its digest is not ``sha``)."""
+    return backend_class(conf).load(path, conf, sha)
 
 
 def checkpoint_name(conf: IndexConf, seq: int) -> str:
@@ -127,6 +128,7 @@ def sample_size(backend: VectorBackend) -> int:
 __all__ = [
     "BACKENDS",
     "CheckpointError",
+    "DigestMismatch",
     "FaissBackend",
     "NumpyBackend",
     "VectorBackend",

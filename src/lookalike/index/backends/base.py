@@ -14,6 +14,10 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be read as this backend's (the loader rebuilds)."""
 
 
+class DigestMismatch(CheckpointError):
+    """A checkpoint whose content is not what the manifest's digest says."""
+
+
 @runtime_checkable
 class VectorBackend(Protocol):
     """A searchable set of ``(id, vector)`` pairs in the index space.
@@ -38,8 +42,10 @@ class VectorBackend(Protocol):
         ...
 
     @classmethod
-    def load(cls, path: Path, conf: IndexConf) -> VectorBackend:
-        """Read a checkpoint written by :meth:`save`; ``CheckpointError`` if unreadable."""
+    def load(cls, path: Path, conf: IndexConf, sha: str | None = None) -> VectorBackend:
+        """Read a checkpoint written by :meth:`save` (never following a link at ``path``),
+        hashing it as it is read; ``CheckpointError`` if unreadable, ``DigestMismatch``
+        when ``sha`` is given and differs."""
         ...
 
     @property
@@ -87,8 +93,9 @@ class VectorBackend(Protocol):
         """Train the configured structure on ``(m, d)`` vectors; the backend must be empty."""
         ...
 
-    def save(self, path: Path) -> None:
-        """Write a checkpoint to ``path`` atomically."""
+    def save(self, path: Path) -> str:
+        """Write a checkpoint to ``path`` atomically (:func:`lookalike.storage.atomic_write`);
+        returns its digest."""
         ...
 
     def memory_bytes(self) -> int:

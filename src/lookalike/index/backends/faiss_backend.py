@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
 
+from lookalike.confined import DigestReader
 from lookalike.errors import ConfigError
-from lookalike.index.backends.base import CheckpointError
+from lookalike.index.backends.base import CheckpointError, DigestMismatch
 from lookalike.index.conf import INDEX_PRESETS, IndexConf, faiss_message
 from lookalike.storage import atomic_write
 
@@ -185,12 +186,17 @@ class FaissBackend:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), conf, fallback=True)
 
     @classmethod
-    def load(cls, path: Path, conf: IndexConf) -> FaissBackend:
-        """Load a checkpoint written by :meth:`save` (``CheckpointError`` if unreadable)."""
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as error:
-            raise CheckpointError(faiss_message(error)) from None
+    def load(cls, path: Path, conf: IndexConf, sha: str | None = None) -> FaissBackend:
+        """Load a checkpoint written by :meth:`save` (``CheckpointError`` if unreadable,
+        ``DigestMismatch`` if it is not the one whose digest is ``sha``)."""
+        with DigestReader(path) as reader:  # FileNotFoundError: removed meanwhile
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(reader.read))
+            except RuntimeError as error:
+                raise CheckpointError(faiss_message(error)) from None
+            digest = reader.finish()
+        if sha is not None and digest != sha:
+            raise DigestMismatch(f"{path} is not the checkpoint the manifest records")
         if not isinstance(index, faiss.IndexIDMap2) and not _native_ids(index):
             raise CheckpointError(f"{path} holds a {type(index).__name__} without image ids")
         fallback = False
@@ -208,9 +214,27 @@ class FaissBackend:
             index.train(np.ascontiguousarray(sample, dtype=np.float32))
         self._set_index(with_ids(index), fallback=False)
 
-    def save(self, path: Path) -> None:
-        """Save to ``path`` atomically (tmp file, fsync, rename, directory fsync)."""
-        atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+    def save(self, path: Path) -> str:
+        """Save to ``path`` atomically (tmp file, fsync, rename, directory fsync); returns
+        its digest."""
+        failed: list[BaseException] = []
+
+        def write(stream: BinaryIO) -> None:
+            def put(data: bytes) -> int:
+                try:
+                    return stream.write(data)
+                except BaseException as error:  # faiss turns it into a RuntimeError
+                    failed.append(error)
+                    raise
+
+            try:
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(put))
+            except RuntimeError:
+                if failed:  # the disk's own error (e.g. ENOSPC), not faiss's wrapper
+                    raise failed[0] from None
+                raise
+
+        return atomic_write(path, write)
 
     # -- state -----------------------------------------------------------------------------
 

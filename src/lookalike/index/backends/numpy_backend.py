@@ -7,13 +7,15 @@ small collections. Exact only: its one structure is ``Flat``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lookalike.confined import read_bytes
 from lookalike.errors import ConfigError
-from lookalike.index.backends.base import CheckpointError
+from lookalike.index.backends.base import CheckpointError, DigestMismatch
 from lookalike.index.conf import IndexConf
 from lookalike.storage import atomic_write
 
@@ -48,9 +50,12 @@ class NumpyBackend:
         return cls(conf, np.empty(0, np.int64), np.empty((0, int(dim)), np.float32))
 
     @classmethod
-    def load(cls, path: Path, conf: IndexConf) -> NumpyBackend:
+    def load(cls, path: Path, conf: IndexConf, sha: str | None = None) -> NumpyBackend:
+        content, digest = read_bytes(path)  # FileNotFoundError: removed meanwhile
+        if sha is not None and digest != sha:
+            raise DigestMismatch(f"{path} is not the checkpoint the manifest records")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(io.BytesIO(content), allow_pickle=False) as data:
                 ids, vectors = data["ids"], data["vectors"]
         except Exception as error:  # not a zip, truncated zip, not .npz, missing arrays, ...
             raise CheckpointError(
@@ -113,12 +118,8 @@ class NumpyBackend:
     def train(self, sample: np.ndarray) -> None:
         """Nothing to train."""
 
-    def save(self, path: Path) -> None:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, ids=self._ids, vectors=self._vectors)
-
-        atomic_write(path, write)
+    def save(self, path: Path) -> str:
+        return atomic_write(path, lambda f: np.savez(f, ids=self._ids, vectors=self._vectors))
 
     def memory_bytes(self) -> int:
         return int(self._ids.nbytes + self._vectors.nbytes)
