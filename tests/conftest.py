@@ -114,6 +114,31 @@ def default_extractor(lookalike_cache: Path):
     return Extractor(get_preset("default").replace(workers=0), cache_dir=lookalike_cache)
 
 
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory: pytest.TempPathFactory, default_extractor) -> tuple[Path, Path]:
+    """``(folder, index)``: 6 images indexed with the default preset (read-only)."""
+    from lookalike.indexing import index_folder
+
+    base = tmp_path_factory.mktemp("small")
+    folder = base / "images"
+    write_images(folder, 6, side=64)
+    index_folder(folder, base / "index", default_extractor.conf, extractor=default_extractor)
+    return folder, base / "index"
+
+
+@pytest.fixture
+def build(default_extractor):
+    """``build(folder, index, **options)``: :func:`index_folder` with the session model."""
+    from lookalike.indexing import index_folder
+
+    def run(folder: Path, index: Path, **options: object):
+        return index_folder(
+            folder, index, default_extractor.conf, extractor=default_extractor, **options
+        )
+
+    return run
+
+
 # -- index store fixtures (tests/test_index_*.py) -----------------------------------------
 
 

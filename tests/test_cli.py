@@ -29,9 +29,9 @@ from lookalike.errors import (
     IndexStateError,
     LookalikeError,
 )
-from lookalike.extract import Extractor, get_preset
+from lookalike.extract import get_preset
 from lookalike.index import IndexStore
-from lookalike.indexing import index_folder, index_info
+from lookalike.indexing import index_info
 
 CLI = [sys.executable, "-m", "lookalike.cli"]
 # The crash and lock tests are about the store, not the descriptor: no whitening to learn
@@ -109,16 +109,6 @@ def not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """120 distinct 64 px images (read-only)."""
     return write_images(tmp_path_factory.mktemp("many") / "images", 120, side=64)
-
-
-@pytest.fixture(scope="module")
-def small_index(tmp_path_factory: pytest.TempPathFactory, default_extractor: Extractor):
-    """``(folder, index)``: 6 images indexed with the default preset (read-only)."""
-    base = tmp_path_factory.mktemp("small")
-    folder = base / "images"
-    write_images(folder, 6, side=64)
-    index_folder(folder, base / "index", default_extractor.conf, extractor=default_extractor)
-    return folder, base / "index"
 
 
 # -- 1. round trip ---------------------------------------------------------------------------

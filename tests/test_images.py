@@ -1,13 +1,11 @@
-"""Image loading: every format and mode to upright RGB, bad files as ImageError, decode_many."""
+"""Image loading: every format and mode to upright RGB, bad files as ImageError, listing
+folders (decoding many files: tests/test_decoder_pool.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
-import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from lookalike.errors import ConfigError, ImageError
 from lookalike.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
-    Decoded,
     decode_image,
     decode_many,
     file_hash,
@@ -356,6 +353,39 @@ def test_corrupt_bytes(tmp_path: Path) -> None:
         decode_image(garbled, name="garbled.png")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_the_magic_check_takes_every_supported_format(fmt: str) -> None:
+    assert images._known_magic(encode(halves(), fmt)[:16])
+
+
+def test_the_magic_check_takes_every_tiff_prefix_pil_takes() -> None:
+    from PIL import TiffImagePlugin
+
+    assert all(images._known_magic(prefix + bytes(12)) for prefix in TiffImagePlugin.PREFIXES)
+
+
+def test_a_huge_non_image_is_refused_from_its_first_bytes(tmp_path: Path) -> None:
+    """A 2 GB file named .jpg is refused with the usual message without being read whole."""
+    import tracemalloc
+
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.write(b"this is no image at all")
+        f.truncate(2**31)  # sparse: 2 GB on paper, nothing on disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match=r"huge\.jpg is not a readable image: unknown format"):
+            load_image(path)
+        (d,) = decode_many([path], max_side=64, workers=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert "huge.jpg is not a readable image" in d.error and d.image is None
+    # its stat is kept, so that a rerun does not try it again; it was never hashed
+    assert (d.size, d.mtime, d.content_hash) == (2**31, path.stat().st_mtime, None)
+
+
 def test_zero_byte_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"empty\.png is empty \(0 bytes\)"):
         load_image(write(tmp_path / "empty.png", b""))
@@ -425,6 +455,29 @@ def test_list_images_follows_symlinked_folder_once(tmp_path: Path) -> None:
     assert len(rel) == 1 and rel[0] in ("link/a.jpg", "real/a.jpg")
 
 
+def test_list_images_lists_broken_and_looping_links(tmp_path: Path) -> None:
+    """They are listed so that indexing records them as failed, with the reason."""
+    write(tmp_path / "real.jpg", encode(halves(), "JPEG"))
+    os.symlink(tmp_path / "real.jpg", tmp_path / "good_link.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
+    os.symlink("self.jpg", tmp_path / "self.jpg")
+    os.symlink("pong.png", tmp_path / "ping.png")
+    os.symlink("ping.png", tmp_path / "pong.png")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "broken.txt")  # not an image name
+    (tmp_path / "dir").mkdir()
+    os.symlink(tmp_path / "dir", tmp_path / "dir_link.jpg")  # a folder, not a file
+    names = ["broken.jpg", "good_link.jpg", "ping.png", "pong.png", "real.jpg", "self.jpg"]
+    assert [p.name for p in list_images(tmp_path)] == names
+    assert [p.name for p in list_images(tmp_path, recursive=False)] == names
+    out = {Path(d.path).name: d for d in decode_many(list_images(tmp_path), 32, workers=0)}
+    assert out["good_link.jpg"].error is None and out["real.jpg"].error is None
+    assert "broken.jpg is a broken symbolic link" in out["broken.jpg"].error
+    for name in ("self.jpg", "ping.png", "pong.png"):
+        assert f"{name} is a symbolic link loop" in out[name].error
+    with pytest.raises(ImageError, match=r"broken\.jpg is a broken symbolic link .*gone\.jpg"):
+        load_image(tmp_path / "broken.jpg")
+
+
 def test_list_images_empty_and_missing(tmp_path: Path) -> None:
     assert list_images(tmp_path) == []
     with pytest.raises(ImageError, match="does not exist"):
@@ -436,114 +489,3 @@ def test_list_images_empty_and_missing(tmp_path: Path) -> None:
 def test_extensions_constant() -> None:
     expected = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
     assert isinstance(IMAGE_EXTENSIONS, frozenset) and expected == IMAGE_EXTENSIONS
-
-
-# --- decode_many --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def mixed_files(tmp_path: Path) -> list[Path]:
-    good = [
-        write(tmp_path / "a.jpg", encode(halves(300, 100), "JPEG", quality=90)),
-        write(tmp_path / "b.png", encode(halves(40, 80), "PNG")),
-        write(tmp_path / "c.gif", encode(halves(10, 10), "GIF")),
-    ]
-    data = noisy_jpeg(200, 200)
-    bad = [
-        write(tmp_path / "cut.jpg", data[: len(data) // 2]),
-        write(tmp_path / "empty.png", b""),
-        tmp_path / "missing.jpg",
-        write(tmp_path / "junk.webp", b"garbage"),
-    ]
-    return [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], good[0]]
-
-
-def _summary(d: Decoded) -> tuple:
-    shape = None if d.image is None else d.image.shape
-    return d.index, d.path, shape, d.width, d.height, d.size, d.mtime, d.content_hash, d.error
-
-
-def test_decode_many_inline(mixed_files: list[Path]) -> None:
-    out = list(decode_many(mixed_files, max_side=64, workers=0))
-    assert [d.index for d in out] == list(range(len(mixed_files)))
-    assert [d.path for d in out] == [str(p) for p in mixed_files]
-    ok = [d.error is None for d in out]
-    assert ok == [True, False, True, False, False, True, False, True]
-    first = out[0]
-    data = mixed_files[0].read_bytes()
-    assert first.content_hash == file_hash(data) and first.size == len(data)
-    assert first.mtime == mixed_files[0].stat().st_mtime
-    assert (first.width, first.height) == (300, 100)
-    assert first.image is not None and first.image.shape == (21, 64, 3)
-    assert first.image.dtype == np.uint8
-    assert np.abs(first.image[10, 5].astype(int) - RED).max() <= 12
-    assert out[2].image is not None and out[2].image.shape == (64, 32, 3)
-    assert "cut.jpg" in out[1].error and out[1].size == mixed_files[1].stat().st_size
-    assert out[1].image is None and out[1].width is None and out[1].content_hash is not None
-    assert "0 bytes" in out[3].error and out[3].size == 0
-    assert "does not exist" in out[4].error and out[4].size is None
-    assert "junk.webp" in out[6].error
-    assert all("\n" not in d.error for d in out if d.error)
-
-
-def test_decode_many_workers_match_inline(mixed_files: list[Path]) -> None:
-    inline = list(decode_many(mixed_files, max_side=64, workers=0))
-    pooled = list(decode_many(mixed_files, max_side=64, workers=2, chunksize=1))
-    assert [_summary(d) for d in pooled] == [_summary(d) for d in inline]
-    for a, b in zip(inline, pooled, strict=True):
-        assert (a.image is None and b.image is None) or np.array_equal(a.image, b.image)
-
-
-def test_decode_many_empty_and_bad_args() -> None:
-    assert list(decode_many([], max_side=64, workers=0)) == []
-    assert list(decode_many([], max_side=64, workers=2)) == []
-    with pytest.raises(ConfigError, match="workers"):
-        decode_many([], max_side=64, workers=-1)
-    with pytest.raises(ConfigError, match="chunksize"):
-        decode_many([], max_side=64, chunksize=0)
-
-
-def test_decode_many_closed_early_does_not_hang(tmp_path: Path) -> None:
-    path = write(tmp_path / "n.jpg", noisy_jpeg(400, 300))
-    gen = decode_many([path] * 200, max_side=32, workers=2, chunksize=2)
-    assert next(gen).index == 0 and next(gen).index == 1
-    closer = threading.Thread(target=gen.close)
-    closer.start()
-    closer.join(timeout=60)
-    assert not closer.is_alive()
-    assert multiprocessing.active_children() == []
-
-
-def _crashing_decode_chunk(
-    items: list[tuple[int, str]], max_side: int | None, upscale: bool
-) -> list:
-    """Stand-in worker that dies (as a segfaulting decoder would) on files named crash*."""
-    if any(Path(p).name.startswith("crash") for _, p in items):
-        os._exit(3)
-    return _REAL_DECODE_CHUNK(items, max_side, upscale)
-
-
-def test_decode_many_survives_a_dying_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    good = write(tmp_path / "ok.png", encode(halves(), "PNG"))
-    crash = write(tmp_path / "crash.png", encode(halves(), "PNG"))
-    paths = [good, good, crash, good, good, good, good]
-    monkeypatch.setattr(images, "_decode_chunk", _crashing_decode_chunk)
-    out = list(decode_many(paths, max_side=16, workers=2, chunksize=2))
-    assert [d.index for d in out] == list(range(len(paths)))
-    assert [d.error is None for d in out] == [True, True, False, True, True, True, True]
-    assert "crash.png crashed the decoder process" in out[2].error
-    assert all(d.image is not None and d.image.shape == (8, 16, 3) for d in out if not d.error)
-
-
-def test_decode_many_reports_workers_that_cannot_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Spawned workers re-run the main script; when that fails, say so instead of blaming files."""
-    main = sys.modules["__main__"]
-    monkeypatch.setattr(main, "__spec__", None, raising=False)
-    monkeypatch.setattr(main, "__file__", str(tmp_path / "gone.py"), raising=False)
-    good = write(tmp_path / "ok.png", encode(halves(), "PNG"))
-    with pytest.raises(ConfigError, match=r"cannot start.*workers=0"):
-        list(decode_many([good] * 3, max_side=16, workers=1))

@@ -1,5 +1,6 @@
 """The ``index`` stage (:mod:`lookalike.indexing`): index a folder or files, remove, relabel,
-describe an index, resolve the settings a run uses.
+describe an index (the settings a run uses: tests/test_indexing_settings.py; resumed builds:
+tests/test_resume.py).
 
 With the real default model on small images; local features are SIFT (no weights to load).
 The command line around these functions is tested in tests/test_cli.py.
@@ -17,17 +18,14 @@ from conftest import distinct_image, photo, write_images
 from PIL import Image
 
 from lookalike.errors import ConfigError, IndexStateError, LookalikeError
-from lookalike.extract import Extractor, get_preset
-from lookalike.index import INDEX_PRESETS, IndexConf, IndexStore
+from lookalike.extract import Extractor
+from lookalike.index import IndexConf, IndexStore
 from lookalike.index.manifest import FORMAT_VERSION
 from lookalike.indexing import (
-    FROM_INDEX,
     IndexReport,
     index_files,
-    index_folder,
     index_info,
     remove_images,
-    resolve_settings,
 )
 from lookalike.indexing.edit import path_forms
 from lookalike.labels import labels_from_folder, labels_from_mapping
@@ -37,28 +35,6 @@ from lookalike.rerank.dba import DBA_NAME
 from lookalike.search import Searcher
 
 SIFT = VerifyConf(features="sift", max_keypoints=256, max_side=128)
-
-
-@pytest.fixture(scope="module")
-def small_index(tmp_path_factory: pytest.TempPathFactory, default_extractor: Extractor):
-    """``(folder, index)``: 6 images indexed with the default preset (read-only)."""
-    base = tmp_path_factory.mktemp("small")
-    folder = base / "images"
-    write_images(folder, 6, side=64)
-    index_folder(folder, base / "index", default_extractor.conf, extractor=default_extractor)
-    return folder, base / "index"
-
-
-@pytest.fixture
-def build(default_extractor: Extractor):
-    """``build(folder, index, **options)``: :func:`index_folder` with the session model."""
-
-    def run(folder: Path, index: Path, **options: object) -> IndexReport:
-        return index_folder(
-            folder, index, default_extractor.conf, extractor=default_extractor, **options
-        )
-
-    return run
 
 
 def ids_by_name(index: Path) -> dict[str, int]:
@@ -373,125 +349,69 @@ def test_info_of_what_is_not_an_index(tmp_path):
         index_info(tmp_path / "empty")
 
 
-# -- resolve_settings -------------------------------------------------------------------------
+# -- failed links, retries, region samples ---------------------------------------------
 
 
-def test_a_new_index_gets_the_preset_and_options(tmp_path):
-    s = resolve_settings(tmp_path / "new")
-    assert (s.preset, s.extract, s.index) == ("default", get_preset("default"), IndexConf())
-    assert resolve_settings(None).extract == get_preset("default")
-    s = resolve_settings(None, "fast", image_size=256, pooling="mac", device="cpu", workers=0)
-    assert s.preset == "fast"
-    assert s.extract == get_preset("fast").replace(
-        image_size=256, pooling="mac", device="cpu", workers=0
-    )
-    weights = tmp_path / "w.pth"
-    s = resolve_settings(None, model="resnet50", weights=Path(os.path.relpath(weights)))
-    assert s.preset == "default"  # an option alone starts from the default preset
-    assert (s.extract.model, s.extract.weights) == ("resnet50", str(weights.resolve()))
+def test_broken_and_looping_links_are_recorded_as_failed(tmp_path, make_images, build):
+    paths = make_images(2)
+    folder, index = paths[0].parent, tmp_path / "index"
+    os.symlink(folder / "gone.png", folder / "broken.png")
+    os.symlink("loop.png", folder / "loop.png")
+    report = build(folder, index)
+    assert report.added == 2
+    reasons = {Path(p).name: e for p, e in report.failed}
+    assert "broken symbolic link" in reasons["broken.png"]
+    assert "symbolic link loop" in reasons["loop.png"]
+    assert {Path(f["path"]).name for f in index_info(index)["failed"]} == set(reasons)
+    again = build(folder, index)  # still failing: retried, and said again
+    assert (again.unchanged, len(again.failed)) == (2, 2)
+    (folder / "broken.png").unlink()
+    distinct_image(7, 64).save(folder / "gone.png")  # the link's target appears
+    os.symlink(folder / "gone.png", folder / "broken.png")
+    fixed = build(folder, index)
+    assert (fixed.added, fixed.updated, len(fixed.failed)) == (1, 1, 1)
+    assert index_info(index)["counts"] == {"ok": 4, "error": 1}
 
 
-@pytest.mark.parametrize(
-    ("options", "expected"),
-    [
-        ({"factory": "HNSW32"}, IndexConf(factory="HNSW32")),
-        ({"index_preset": "ivfpq"}, INDEX_PRESETS["ivfpq"]),
-        ({"backend": "numpy"}, IndexConf(backend="numpy")),
-        ({"index_preset": "hnsw", "backend": "faiss"}, INDEX_PRESETS["hnsw"]),
-        ({"index_preset": "numpy"}, IndexConf(backend="numpy")),
-    ],
-)
-def test_the_structure_of_a_new_index(tmp_path, options, expected):
-    assert resolve_settings(tmp_path / "new", **options).index == expected
+def test_failed_files_are_retried_in_chunks_of_their_own(tmp_path, make_images, build, monkeypatch):
+    """So the other files are chunked as in a build that never stopped."""
+    paths = make_images(6)
+    folder, index = paths[0].parent, tmp_path / "index"
+    os.symlink(folder / "gone.png", folder / "img001x.png")
+    build(folder, index, chunk=3)
+    chunks: list[list[str]] = []
+    real = Extractor.extract_files
+
+    def recording(self, paths, want_regions=False, chunk=32):  # type: ignore[no-untyped-def]
+        for decoded, desc in real(self, paths, want_regions, chunk):
+            chunks.append([Path(d.path).name for d in decoded])
+            yield decoded, desc
+
+    monkeypatch.setattr(Extractor, "extract_files", recording)
+    for p in paths[3:]:
+        p.unlink()
+    make_images(4, name="new")
+    for p in sorted((tmp_path / "new").iterdir()):
+        p.rename(folder / f"z{p.name}")
+    report = build(folder, index, chunk=3)
+    assert (report.added, len(report.failed)) == (4, 1)
+    assert chunks == [["img001x.png"], ["zimg000.png", "zimg001.png", "zimg002.png"],
+                      ["zimg003.png"]]  # fmt: skip
 
 
-def test_bad_names_are_refused():
-    with pytest.raises(ConfigError, match="preset 'nope'"):
-        resolve_settings(None, "nope")
-    with pytest.raises(ConfigError, match="'nope'"):
-        resolve_settings(None, index_preset="nope")
-    with pytest.raises(ConfigError, match="faiss, numpy"):
-        resolve_settings(None, backend="annoy")
-    with pytest.raises(ConfigError, match="image_size"):
-        resolve_settings(None, image_size=8)
+def test_region_samples_are_kept_until_the_whitening_is_learned(tmp_path, build):
+    from lookalike.index.regions import REGIONS_NAME, RegionSamples
 
-
-def test_an_existing_index_keeps_its_own_settings(tmp_path, make_images, default_extractor):
-    paths = make_images(3)
-    index = tmp_path / "index"
-    conf = default_extractor.conf.replace(query_rotations=(0, 180), rotation_penalty=0.1)
-    index_folder(
-        paths[0].parent, index, conf, IndexConf(factory="HNSW32"), extractor=default_extractor
-    )
-    s = resolve_settings(index, device="cpu", workers=0)  # run-time options only
-    assert s.preset == FROM_INDEX
-    assert s.extract.descriptor() == conf.descriptor()
-    assert (s.extract.query_rotations, s.extract.rotation_penalty) == ((0, 180), 0.1)
-    assert (s.extract.device, s.extract.workers) == ("cpu", 0)
-    assert s.index == IndexConf(factory="HNSW32")
-    report = index_folder(paths[0].parent, index, s.extract, s.index)  # a rerun: accepted
-    assert (report.unchanged, report.added) == (3, 0)
-    # asked for explicitly, other settings are what the run uses (and the index refuses)
-    assert resolve_settings(index, "fast").extract == get_preset("fast")
-    assert resolve_settings(index, index_preset="exact").index == IndexConf()
-
-
-def differing(a: dict, b: dict) -> list[str]:
-    """The keys the message must name: nested ones where both sides hold a dict, the whole
-    setting where one side does not (``whitening=null`` against a dict)."""
-    out = []
-    for key in sorted(a.keys() | b.keys()):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += [f"{key}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
-        elif x != y:
-            out.append(key)
-    return out
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"pooling": "gem"},
-        {"preset": "fast"},
-        {"image_size": 256},
-        {"factory": "HNSW32"},
-        {"backend": "numpy"},
-        {"preset": "naive", "index_preset": "hnsw"},
-    ],
-)
-def test_other_descriptor_settings_are_refused_naming_every_difference(small_index, options):
-    folder, index = small_index
-    s = resolve_settings(index, **options)
+    folder, index = tmp_path / "images", tmp_path / "index"
+    write_images(folder, 20, side=64)
+    report = build(folder, index)  # 20 images: too few to learn one (min_images 32)
+    assert not report.whitening_learned and (index / REGIONS_NAME).exists()
     with IndexStore.open(index) as store:
-        built, structure = store.manifest.descriptor, store.manifest.index
-    named = differing(built, s.extract.descriptor())
-    named += [
-        f"index.{k}" for k in ("backend", "factory") if getattr(s.index, k) != getattr(structure, k)
-    ]
-    assert named  # the test compares something
-    with pytest.raises(IndexStateError) as error:
-        index_folder(folder, index, s.extract, s.index)
-    message = str(error.value)
-    assert all(f"{key}=" in message for key in named), (named, message)
-    assert "\n" not in message and "new --index directory" in message
-    assert index_info(index)["counts"]["ok"] == 6  # nothing changed
-
-
-def test_a_run_given_no_settings_uses_the_index_own(tmp_path: Path) -> None:
-    """``index_folder(dir, index)`` is ``lookalike index DIR --index ...`` without options:
-    an index built with another preset is synced, not refused; a new one is ``default``."""
-    from lookalike.indexing import index_files
-
-    folder = tmp_path / "images"
-    write_images(folder, 3, side=64)
-    fast = get_preset("fast").replace(workers=0)
-    index_folder(folder, tmp_path / "index", fast)
-    write_images(folder / "more", 2, side=72)
-    report = index_folder(folder, tmp_path / "index")
-    assert (report.added, report.unchanged) == (2, 3)
-    extra = write_images(tmp_path / "extra", 1, side=80)
-    assert index_files(extra, tmp_path / "index").added == 1
-    with IndexStore.open(tmp_path / "index") as store:
-        assert store.manifest.descriptor == fast.descriptor() and len(store) == 6
-    assert resolve_settings(tmp_path / "new").extract == get_preset("default")
+        hashes = [r.content_hash for r in store.records(status="ok")]
+    with RegionSamples(index) as samples:
+        assert all(samples.get(h) is not None for h in hashes)
+    write_images(folder / "more", 12, side=72)
+    report = build(folder, index)  # 32: learned from the samples of both runs
+    assert report.whitening_learned and report.added == 12
+    assert not (index / REGIONS_NAME).exists()
+    assert index_info(index)["whitening"]["learned"] is True

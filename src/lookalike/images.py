@@ -6,21 +6,16 @@ naming the file); :func:`decode_many` streams files through worker processes for
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import itertools
 import logging
 import math
-import multiprocessing
 import operator
 import os
 import warnings
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +33,22 @@ MAX_PIXELS: int = 120_000_000  # more pixels than this is refused (decompression
 # PIL decoders tried on open; anything else (EPS runs Ghostscript, ...) is refused. MPO (camera
 # multi-picture JPEG) opens through the JPEG entry.
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# The leading bytes of each format above (as PIL's own checks read them): a file that starts
+# otherwise is refused after reading these, not the whole file.
+_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG, MPO
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF, little- and big-endian, classic and BigTIFF (and what PIL also takes)
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"MM*\x00",
+    b"II\x00*",
+)
+_HEAD_BYTES = 16  # bytes read to check the magic
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
@@ -60,8 +71,11 @@ class Decoded:
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under ``root`` by extension (any case), sorted, hidden names skipped.
 
-    Symlinked folders are followed once each (a link loop is not walked twice). An empty
-    folder gives ``[]``; unreadable sub-folders are logged and skipped.
+    Symlinked folders are followed once each (a link loop is not walked twice). Symbolic
+    links with an image name whose target is missing or that loop are listed too, so that
+    indexing records them as failed files with the reason (reading one raises
+    :class:`ImageError`). An empty folder gives ``[]``; unreadable sub-folders are logged and
+    skipped.
 
     Raises:
         ImageError: ``root`` does not exist or is not a directory.
@@ -76,7 +90,7 @@ def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
         return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
     if not recursive:
-        return sorted(p for p in root.iterdir() if wanted(p.name) and p.is_file())
+        return sorted(p for p in root.iterdir() if wanted(p.name) and _is_listed(p))
 
     def on_error(exc: OSError) -> None:
         logger.warning("Skipping unreadable folder %s: %s", exc.filename, exc.strerror)
@@ -91,8 +105,27 @@ def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
-        found.extend(base / f for f in filenames if wanted(f) and (base / f).is_file())
+        found.extend(base / f for f in filenames if wanted(f) and _is_listed(base / f))
     return sorted(found)
+
+
+def _is_listed(path: Path) -> bool:
+    """A regular file (through links), or a symbolic link that dangles or loops."""
+    try:
+        return path.is_file() or (path.is_symlink() and _link_problem(path) is not None)
+    except OSError:  # an entry that vanished meanwhile
+        return False
+
+
+def _link_problem(path: str | Path) -> str | None:
+    """``"broken symbolic link"`` / ``"symbolic link loop"`` when ``path`` is one, else None."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else None
+    except OSError as error:
+        return "symbolic link loop" if error.errno == errno.ELOOP else None
+    return None
 
 
 def file_hash(data: bytes) -> str:
@@ -137,8 +170,7 @@ def load_image(
     Raises:
         ImageError: The file is missing, empty, unreadable, corrupt, truncated or too large.
     """
-    data, _ = _read(path)
-    return _decode(data, max_side, box, upscale, max_pixels, str(path))[0]
+    return _decode(_read(path), max_side, box, upscale, max_pixels, str(path))[0]
 
 
 def read_image(
@@ -247,10 +279,7 @@ def _decode(
     except Image.DecompressionBombError as exc:
         raise ImageError(f"Image {name} is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(
-            f"{name} is not a readable image: unknown format or damaged header (supported: "
-            "JPEG, PNG, WebP, BMP, TIFF, GIF); convert, re-export or delete the file."
-        ) from exc
+        raise ImageError(_unknown_format(name)) from exc
     except Exception as exc:  # any decoder failure on untrusted bytes is a bad file
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageError(
@@ -307,28 +336,68 @@ def _resize(img: Image.Image, max_side: int | None, upscale: bool) -> Image.Imag
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def _read(path: str | Path) -> tuple[bytes, os.stat_result]:
-    """The bytes and stat of one file, both taken from the same open handle."""
+def _read(path: str | Path, seen: Callable[[os.stat_result], None] | None = None) -> bytes:
+    """The bytes of one image file, refused after its first bytes when they are no supported
+    format's (a large non-image file is never read whole).
+
+    Args:
+        path: the file.
+        seen: called with the file's stat (taken from the open handle) before reading.
+
+    Raises:
+        ImageError: missing, a broken or looping symbolic link, a directory, unreadable,
+            or not one of the supported formats.
+    """
     try:
         with open(path, "rb") as f:
             stat = os.fstat(f.fileno())
-            return f.read(), stat
+            if seen is not None:
+                seen(stat)
+            head = f.read(_HEAD_BYTES)
+            if head and not _known_magic(head):
+                raise ImageError(_unknown_format(str(path)))
+            return head + f.read()
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(
+                f"{path} is a broken symbolic link (its target {os.readlink(path)} does not "
+                "exist); fix or delete the link."
+            ) from None
         raise ImageError(f"Image file {path} does not exist; check the path.") from None
     except IsADirectoryError:
         raise ImageError(f"{path} is a directory, not an image file.") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(
+                f"{path} is a symbolic link loop (it resolves to itself); fix or delete the link."
+            ) from None
         raise ImageError(
             f"Cannot read image file {path}: {exc.strerror or exc}; check its permissions."
         ) from exc
 
 
+def _known_magic(head: bytes) -> bool:
+    """Whether ``head`` starts like one of the supported formats."""
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _unknown_format(name: str) -> str:
+    return (
+        f"{name} is not a readable image: unknown format or damaged header (supported: "
+        "JPEG, PNG, WebP, BMP, TIFF, GIF); convert, re-export or delete the file."
+    )
+
+
 def _decode_one(index: int, path: str, max_side: int | None, upscale: bool) -> Decoded:
     """Read, hash and decode one file; never raises for a bad file."""
     out = Decoded(index=index, path=path)
+
+    def seen(stat: os.stat_result) -> None:  # a file refused by its first bytes keeps its stat
+        out.size, out.mtime = stat.st_size, stat.st_mtime
+
     try:
-        data, stat = _read(path)
-        out.size, out.mtime, out.content_hash = len(data), stat.st_mtime, file_hash(data)
+        data = _read(path, seen)
+        out.size, out.content_hash = len(data), file_hash(data)
         img, (out.width, out.height) = _decode(data, max_side, None, upscale, MAX_PIXELS, path)
         out.image = np.array(img, dtype=np.uint8)
     except Exception as exc:  # ImageError, or a bug that must not stop a million-file run
@@ -355,8 +424,10 @@ def decode_many(
 
     At most ``4 * workers * chunksize`` files are in flight, so memory stays bounded for any
     number of paths while the consumer runs inference. Workers are "spawn"ed (safe beside
-    torch / onnxruntime threads) and shut down when iteration ends or the generator is closed.
-    A chunk whose worker died is retried one file per process to pin the crash on one file.
+    torch / onnxruntime threads) and shut down when iteration ends or the generator is closed;
+    on Linux they also die with the calling process however it dies (a SIGKILLed indexer
+    leaves none behind). A chunk whose worker died is retried one file per process to pin the
+    crash on one file (:mod:`lookalike.decoder_pool`).
 
     Args:
         paths: Image files.
@@ -378,73 +449,7 @@ def decode_many(
     max_side = _check_max_side(max_side)
     if workers == 0:
         return (_decode_one(i, str(p), max_side, upscale) for i, p in enumerate(paths))
-    return _decode_pool(paths, max_side, upscale, workers, chunksize)
+    from lookalike.decoder_pool import decode_in_pool
 
-
-def _decode_pool(
-    paths: Iterable[str | Path], max_side: int | None, upscale: bool, workers: int, chunksize: int
-) -> Iterator[Decoded]:
-    ctx = multiprocessing.get_context("spawn")
-    numbered = enumerate(str(p) for p in paths)
-    chunks = iter(lambda: list(itertools.islice(numbered, chunksize)), [])
-    pool = ProcessPoolExecutor(workers, mp_context=ctx)
-
-    def submit(chunk: list[tuple[int, str]]) -> Future[list[Decoded]]:
-        nonlocal pool
-        try:
-            return pool.submit(_decode_chunk, chunk, max_side, upscale)
-        except BrokenProcessPool:  # a worker died earlier; its chunks are retried on their turn
-            pool.shutdown(wait=False, cancel_futures=True)
-            pool = ProcessPoolExecutor(workers, mp_context=ctx)
-            return pool.submit(_decode_chunk, chunk, max_side, upscale)
-
-    try:
-        pending = deque((c, submit(c)) for c in itertools.islice(chunks, 4 * workers))
-        while pending:
-            chunk, future = pending.popleft()
-            try:
-                results = future.result()
-            except Exception:
-                results = _retry_one_by_one(chunk, max_side, upscale, ctx)
-            for nxt in itertools.islice(chunks, 1):  # refill before the consumer takes over
-                pending.append((nxt, submit(nxt)))
-            yield from results
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _retry_one_by_one(
-    chunk: list[tuple[int, str]], max_side: int | None, upscale: bool, ctx: BaseContext
-) -> list[Decoded]:
-    """Decode a chunk whose worker died, one file per call, to pin the crash on one file."""
-    logger.warning("A decoder process died; retrying %d files one by one", len(chunk))
-    out: list[Decoded] = []
-    pool = _started_pool(ctx)
-    try:
-        for index, path in chunk:
-            try:
-                out.extend(pool.submit(_decode_chunk, [(index, path)], max_side, upscale).result())
-            except BrokenProcessPool:
-                pool.shutdown(wait=False)
-                pool = _started_pool(ctx)
-                reason = f"Decoding {path} crashed the decoder process; re-export or delete it."
-                out.append(Decoded(index=index, path=path, error=reason))
-            except Exception as exc:
-                out.append(Decoded(index=index, path=path, error=f"{type(exc).__name__}: {exc}"))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return out
-
-
-def _started_pool(ctx: BaseContext) -> ProcessPoolExecutor:
-    """A one-worker pool known to start, so that a dying worker can be blamed on its file."""
-    pool = ProcessPoolExecutor(1, mp_context=ctx)
-    try:
-        pool.submit(abs, 0).result()
-    except BrokenProcessPool as exc:
-        pool.shutdown(wait=False)
-        raise ConfigError(
-            "Image decoder processes cannot start (see the child's traceback above); run from a "
-            "script file guarded by `if __name__ == '__main__':`, or use workers=0."
-        ) from exc
-    return pool
+    # _decode_chunk looked up now: tests stand in a crashing one
+    return decode_in_pool(_decode_chunk, paths, max_side, upscale, workers, chunksize)

@@ -3,38 +3,41 @@
 This is the ``index`` stage: it composes :mod:`lookalike.images`, :mod:`lookalike.extract`
 and the on-disk :class:`~lookalike.index.IndexStore`. Every chunk of files is one atomic
 commit, so a run killed at any moment resumes with the files it had not committed yet:
-a file whose size and mtime match its record is never processed again. Afterwards what is
-derived from the images follows: the stored DBA, the local features (``local``), and, with a
-label source, the labels of the images already indexed (relabelled in place).
+a file whose size and mtime match its record is never processed again, and the others are
+chunked (and so described) as an uninterrupted run would have. The whitening is learned by
+the run that completes the index, from region samples stored as the chunks commit
+(:mod:`lookalike.indexing.learn`): a build killed and resumed ends with the index a build in
+one go makes. Afterwards what is derived from the images follows: the stored DBA, the local
+features (``local``), and, with a label source, the labels of the images already indexed
+(relabelled in place).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import ExtractConf, Extractor
 from lookalike.images import IMAGE_EXTENSIONS, Decoded, list_images
 from lookalike.index import ImageRecord, IndexConf, IndexStore, NewImage
+from lookalike.index.conf import display_path, display_text
 from lookalike.index.manifest import MANIFEST_NAME
 from lookalike.indexing.edit import relabel_store
+from lookalike.indexing.learn import WhiteningLearner
 from lookalike.labels import LabelSource
 from lookalike.local.conf import VerifyConf
-from lookalike.whitening import learn_whitening
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (files done, files to do)
 
-CHECKPOINT_EVERY = 10_000  # files between faiss checkpoints (bounds replay on open)
-REGION_SAMPLE = 60_000  # regional descriptors kept for learning the whitening
+CHECKPOINT_EVERY = 10_000  # indexed files between faiss checkpoints (bounds replay on open)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class IndexReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) unreadable files
     seconds: float = 0.0  # wall time of decoding + describing + committing
     whitening_learned: bool = False
+    query_defaults_changed: bool = False  # the settings given recorded new query defaults
     local_described: int = 0  # images whose local features were computed (index --local)
     relabelled: int | None = None  # already indexed images whose label changed (labels=...)
     labelled: int | None = None  # labelled images in the whole index afterwards (labels=...)
@@ -130,6 +134,18 @@ def _own_settings(index_dir: str | Path, extractor: Extractor | None) -> Extract
     return resolve_settings(index_dir).extract
 
 
+def _record_query_defaults(store: IndexStore, conf: ExtractConf) -> bool:
+    """Record ``conf``'s query-time settings (rotations, penalty) as the index's search
+    defaults where they differ (the descriptor is the same: they are not part of it);
+    whether they did."""
+    query = conf.query_defaults()
+    if query == store.manifest.query:
+        return False
+    logger.info("recording new query defaults %s (were %s)", query, store.manifest.query)
+    store.update_manifest(query=query)
+    return True
+
+
 def _record_local(store: IndexStore, local: VerifyConf | None) -> None:
     if local is not None:
         from lookalike.local.sync import record_conf
@@ -160,7 +176,8 @@ def index_folder(
         index_dir: index directory; created on first use.
         conf: descriptor settings; an existing index built with others is refused. None:
             the index's own for an existing index (as ``lookalike index`` without options),
-            the ``default`` preset for a new one.
+            the ``default`` preset for a new one. Its query-time settings (rotations,
+            penalty) become the index's search defaults (``query_defaults_changed``).
         index_conf: vector backend and structure of a new index (None: the default, exact
             faiss); an existing index built with another is refused (None: its own).
         remove_missing: drop indexed files under ``image_dir`` that no longer exist.
@@ -182,13 +199,16 @@ def index_folder(
         raise LookalikeError(
             f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    given = conf is not None
     conf = conf if conf is not None else _own_settings(index_dir, extractor)
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
+        changed = given and _record_query_defaults(store, conf)
         report = _sync(
             store, conf, extractor, root, files, remove_missing, metadata or labels, progress,
             chunk, local_progress,
         )  # fmt: skip
+        report.query_defaults_changed = changed
         if labels is not None:
             report.relabelled, report.labelled, report.classes = relabel_store(store, root, labels)
         return report
@@ -223,12 +243,16 @@ def index_files(
     files = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     if not files:
         raise LookalikeError("no image files given to index")
+    given = conf is not None
     conf = conf if conf is not None else _own_settings(index_dir, extractor)
     store, extractor = open_for_writing(index_dir, conf, index_conf, extractor, local)
     try:
-        return _sync(
+        changed = given and _record_query_defaults(store, conf)
+        report = _sync(
             store, conf, extractor, None, files, False, metadata, progress, chunk, local_progress
         )
+        report.query_defaults_changed = changed
+        return report
     finally:
         store.close()
 
@@ -250,17 +274,23 @@ def _sync(
     Then bring what is derived from the vectors and images up to date: a stored DBA and the
     local features (``--local``)."""
     report = IndexReport()
-    known = {r.path: r for r in store.records()}
+    known = {r.fs_path: r for r in store.records()}  # as the file system names them
+    # Files that failed before are retried in chunks of their own, first: the others are
+    # then chunked as an uninterrupted run would have chunked them (a resumed run restarts at
+    # the first uncommitted file), so each is described in the same batch as in a clean build.
+    retry: list[Path] = []
     todo: list[Path] = []
     for path in files:
         rec = known.get(str(path))
         try:
             st = path.stat()
+            same = rec is not None and (rec.size, rec.mtime) == (st.st_size, st.st_mtime)
         except OSError:  # gone or unreadable: decoding records the reason as a failure
-            todo.append(path)
-            continue
-        if rec is not None and rec.size == st.st_size and rec.mtime == st.st_mtime:
+            same = False
+        if same:
             report.unchanged += 1
+        elif rec is not None and rec.status == "error":
+            retry.append(path)
         else:
             todo.append(path)
     if root is not None:
@@ -271,21 +301,55 @@ def _sync(
         else:
             report.missing = len(vanished)
     logger.info(
-        "%d files to describe, %d unchanged, %d vanished",
+        "%d files to describe, %d to retry, %d unchanged, %d vanished",
         len(todo),
+        len(retry),
         report.unchanged,
         report.removed + report.missing,
     )
-    need_whitening = conf.whitening is not None and store.whitening is None
+    learner = WhiteningLearner.open(store, conf)
+    try:
+        _describe(store, conf, extractor, retry + todo, len(retry), learner, known, metadata,
+                  progress, chunk, report)  # fmt: skip
+        if learner is not None:
+            report.whitening_learned = learner.finish()
+    finally:
+        if learner is not None:
+            learner.close()
+    if not report.whitening_learned:
+        store.checkpoint()
+    _update_dba(store)
+    report.local_described = _sync_local(store, local_progress)
+    return report
+
+
+def _describe(
+    store: IndexStore,
+    conf: ExtractConf,
+    extractor: Extractor | None,
+    todo: list[Path],
+    retried: int,
+    learner: WhiteningLearner | None,
+    known: dict[str, ImageRecord],
+    metadata: Callable[[Path], dict] | None,
+    progress: Progress | None,
+    chunk: int,
+    report: IndexReport,
+) -> None:
+    """Describe and commit ``todo`` chunk by chunk (the first ``retried`` files in chunks of
+    their own), each chunk's region samples committed before the chunk (``learner``)."""
     if todo and extractor is None:
         extractor = Extractor(conf)
         store.check_weights(extractor.backbone.weights_id)
-    regions: list[np.ndarray] = []
-    done, since_checkpoint, start = 0, 0, time.perf_counter()
+    want_regions = learner is not None and learner.wants_regions
+    done, start = 0, time.perf_counter()
+    committed = sum(store.count().values())
     if progress:
         progress(0, len(todo))
-    batches = (
-        extractor.extract_files(todo, want_regions=need_whitening, chunk=chunk) if todo else []
+    batches = itertools.chain.from_iterable(
+        extractor.extract_files(part, want_regions=want_regions, chunk=chunk)
+        for part in (todo[:retried], todo[retried:])
+        if part and extractor is not None
     )
     for decoded, desc in batches:
         images = []
@@ -303,29 +367,23 @@ def _sync(
                 )
             )
             if d.error is not None:
-                report.failed.append((d.path, d.error))
+                report.failed.append((display_path(d.path), display_text(d.error)))
             elif d.path in known:
                 report.updated += 1
             else:
                 report.added += 1
+        if learner is not None and desc.regions is not None:
+            learner.add(decoded, desc.regions)  # committed first: no image without samples
         store.add(images, desc.global_)
-        if desc.regions:
-            _sample_regions(regions, desc.regions)
         done += len(decoded)
-        since_checkpoint += len(decoded)
-        if since_checkpoint >= CHECKPOINT_EVERY:
+        before, committed = committed, sum(store.count().values())
+        if before // CHECKPOINT_EVERY != committed // CHECKPOINT_EVERY:
+            # at fixed sizes of the collection: a resumed build checkpoints (and trains its
+            # structure) where an uninterrupted one does
             store.checkpoint()
-            since_checkpoint = 0
         if progress:
             progress(done, len(todo))
     report.seconds = time.perf_counter() - start
-    if need_whitening and len(store) >= conf.whitening.min_images:
-        report.whitening_learned = _learn_whitening(store, conf, regions)
-    if not report.whitening_learned:
-        store.checkpoint()
-    _update_dba(store)
-    report.local_described = _sync_local(store, local_progress)
-    return report
 
 
 def _update_dba(store: IndexStore) -> None:
@@ -353,29 +411,3 @@ def _metadata_for(
 
 def _is_under(path: str, root: Path) -> bool:
     return Path(path).is_relative_to(root)
-
-
-def _sample_regions(sample: list[np.ndarray], regions: list[np.ndarray]) -> None:
-    """Keep at most ``REGION_SAMPLE`` regional descriptors, a few from every image."""
-    per_image = max(1, REGION_SAMPLE // 1000)
-    rng = np.random.default_rng(len(sample))
-    for r in regions:
-        if sum(len(s) for s in sample) >= REGION_SAMPLE:
-            return
-        take = rng.permutation(len(r))[:per_image]
-        sample.append(r[np.sort(take)])
-
-
-def _learn_whitening(store: IndexStore, conf: ExtractConf, regions: list[np.ndarray]) -> bool:
-    """Learn the whitening from the sampled regions (or, after a resumed run, the vectors)."""
-    wconf = conf.whitening
-    if len(regions) >= wconf.min_images:
-        data = np.concatenate(regions).astype(np.float32)
-        source = f"{len(data)} regional descriptors of {len(regions)} images"
-    else:  # a resumed run saw too few images: learn from the stored global descriptors
-        ids = [r.id for r in store.records(status="ok")]
-        data = store.vectors(ids)
-        source = f"{len(data)} global descriptors"
-    store.set_whitening(learn_whitening(data, wconf))
-    logger.info("learned the whitening from %s", source)
-    return True
