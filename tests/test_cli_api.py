@@ -185,6 +185,13 @@ def test_search_images(index, photos, capsys):
         "chelsea",
         "rocket",
     ]
+    # a failed query among good ones: its error in place, the others answered
+    bad = photos["queries"] / "missing.jpg"
+    rc, out, _ = cli(capsys, "search", "--index", index, queries[0], bad, "-k", 3, "--json")
+    assert rc == 3
+    answers = search(index, [queries[0], bad], k=3, errors="report")
+    same(json_lines(out), [a.to_dict() for a in answers])
+    assert answers[1].error is not None and set(json_lines(out)[1]) == {"query", "error"}
 
 
 def test_search_by_id_box_and_rotations(index, photos, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,12 @@ from lookalike.local import (
     default_local_settings,
     verify_pair,
 )
-from lookalike.local.features import akaze_available, root_sift
+from lookalike.local.features import (
+    akaze_available,
+    aliked_cached_weights,
+    root_sift,
+    torch_hub_dir,
+)
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights" / "aliked-n16.pth"
 SIDE = 256  # test images are SIDE x SIDE: fast on a shared 2-core machine
@@ -297,3 +303,53 @@ def test_aliked_offline_error_reaches_the_cli_as_one_line(offline: list, tmp_pat
     assert rc == ConfigError.exit_code and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and "--local-weights" in err
     assert offline == [] and caught == []
+
+
+def test_torch_hub_dir_is_found_without_importing_torch(monkeypatch, tmp_path: Path) -> None:
+    import sys
+
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert torch_hub_dir() == Path(torch.hub.get_dir()) == tmp_path / "th" / "hub"
+    monkeypatch.delitem(sys.modules, "torch")  # as in a process that never imported it
+    assert torch_hub_dir() == tmp_path / "th" / "hub"
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert torch_hub_dir() == tmp_path / "xdg" / "torch" / "hub"
+
+
+def test_default_local_features_need_no_download(offline: list, tmp_path, caplog, capsys):
+    import logging
+
+    from lookalike.cli import main
+    from lookalike.index.manifest import Manifest, ModelIdentity
+    from lookalike.local.conf import VERIFY_PRESETS, default_local_features
+    from lookalike.rerank.verify import resolve_conf
+
+    with caplog.at_level(logging.INFO, "lookalike"):
+        assert default_local_features() == VERIFY_PRESETS["rootsift"]
+    assert "rootsift" in caplog.text and "--local-weights" in caplog.text
+    bare = Manifest({"model": "m"}, 8, ModelIdentity("m"))  # an index keeping no features
+    assert resolve_conf(bare, None) == VERIFY_PRESETS["rootsift"]
+    assert resolve_conf(bare, {"budget": 7}) == VERIFY_PRESETS["rootsift"].replace(budget=7)
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"")
+    with_weights = VERIFY_PRESETS["default"].replace(weights=str(mine.resolve()))
+    assert default_local_features(mine) == with_weights
+    assert resolve_conf(bare, {"weights": str(mine)}) == with_weights
+    with pytest.raises(ConfigError, match="no such file"):
+        default_local_features(tmp_path / "none.pth")
+    cached = tmp_path / "hub" / "checkpoints" / "aliked-n16.pth"  # where kornia downloads
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert aliked_cached_weights() == cached
+    assert default_local_features() == VERIFY_PRESETS["default"] == resolve_conf(bare, None)
+    cached.unlink()
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(_photo()).save(a)
+    Image.fromarray(cv2.warpPerspective(_photo(), H_TRUE, (SIDE, SIDE))).save(b)
+    assert main(["match", str(a), str(b), "--json"]) == 0  # its defaults: offline, RootSIFT
+    out = json.loads(capsys.readouterr().out)
+    assert out["features"] == "rootsift" and out["inliers"] >= 20
+    assert offline == []

@@ -18,7 +18,7 @@ from conftest import read_only_view, write_images
 from index_helpers import DESCRIPTOR, D, images, run_python, unit
 
 import lookalike.search as search_module
-from lookalike.errors import ConfigError
+from lookalike.errors import ConfigError, ImageError
 from lookalike.index import IndexStore, NewImage
 from lookalike.index.manifest import DBASettings
 from lookalike.indexing import index_folder
@@ -228,6 +228,27 @@ def test_bad_queries_are_refused_clearly(vectors, tmp_path):
         for one in ("q.jpg", x[0], Query(id=1)):
             with pytest.raises(ConfigError, match="list of queries"):
                 s.search(one)  # type: ignore[arg-type]
+
+
+def test_answer_reports_failed_queries_beside_the_good_ones(vectors, tmp_path):
+    root, x = vectors
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    queries = [x[4], tmp_path / "bad.jpg", 999, Query(id=9), b"\xff\xd8 junk", x[:1]]
+    done: list[tuple[int, int]] = []
+    with Searcher.open(root) as s:
+        answers = s.answer(queries, k=2, errors="report", progress=lambda *p: done.append(p))
+        with pytest.raises(ImageError, match=r"bad\.jpg"):
+            s.answer(queries[:2], k=2)  # errors="raise", the default
+        with pytest.raises(ConfigError, match="errors must be one of raise, report"):
+            s.answer(queries, errors="ignore")
+    kinds = [type(a.error).__name__ for a in answers]
+    assert kinds == ["NoneType", "ImageError", "ConfigError", "NoneType", "ImageError", "NoneType"]
+    assert [a.hits[0].id for a in answers if a.error is None] == [5, 9, 1]
+    assert done[-1] == (6, 6) and len(done) == 6
+    failed = answers[1].to_dict()
+    assert set(failed) == {"query", "error"} and "bad.jpg" in failed["error"]
+    assert "\n" not in failed["error"] and answers[1].hits == []
+    assert answers[2].to_dict()["error"].startswith("no image with id 999")
 
 
 def test_a_reader_sees_other_processes_commits_at_the_next_search(vectors):

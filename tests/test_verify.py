@@ -617,6 +617,7 @@ def test_real_oxford_query_verifies_its_landmark_not_another():
 
 def test_resolve_conf_applies_explicit_settings_and_presets_only_where_needed():
     from lookalike.index.manifest import Manifest, ModelIdentity
+    from lookalike.local.conf import default_local_features
     from lookalike.rerank.verify import resolve_conf
 
     kept = Manifest({"model": "m"}, 8, ModelIdentity("m"), local=VerifyConf(features="orb"))
@@ -629,4 +630,4 @@ def test_resolve_conf_applies_explicit_settings_and_presets_only_where_needed():
     bare = Manifest({"model": "m"}, 8, ModelIdentity("m"))
     got = resolve_conf(bare, {"features": "rootsift", "budget": 7})
     assert got == VERIFY_PRESETS["rootsift"].replace(budget=7)
-    assert resolve_conf(bare, None) == VerifyConf()
+    assert resolve_conf(bare, None) == default_local_features()  # aliked if on disk

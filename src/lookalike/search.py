@@ -16,7 +16,9 @@ process commits become searchable at the next search (one cheap check per call).
 
 Returns the faiss contract ``(scores, ids)`` of shape ``(n, k)``, best first, ``-1`` for "no
 result", in a :class:`~lookalike.ranking.Ranking` (with ``inliers`` after verification);
-:meth:`Searcher.results` joins them to paths and metadata.
+:meth:`Searcher.results` joins them to paths and metadata. :meth:`Searcher.answer` does both
+and, with ``errors="report"``, answers the good queries of a batch and gives each failed one
+its error (``lookalike search`` with one unreadable image among good ones).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lookalike.errors import ConfigError
+from lookalike.errors import ConfigError, ImageError, LookalikeError
 from lookalike.extract import ExtractConf, Extractor
 from lookalike.index import IndexStore
 from lookalike.local.conf import VerifyConf
@@ -76,9 +78,17 @@ class Answer:
 
     query: str  # Query.label
     hits: list[Hit]
+    error: LookalikeError | None = None  # why the query failed (answer(errors="report"));
+    #   None: it was searched, hits are its results
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"query", "results"}``, or ``{"query", "error"}`` (one line) for a failed query."""
+        if self.error is not None:
+            return {"query": self.query, "error": " ".join(str(self.error).split())}
         return {"query": self.query, "results": [h.to_dict() for h in self.hits]}
+
+
+ERRORS = ("raise", "report")  # what answer() does with a query that fails
 
 
 class Searcher:
@@ -212,21 +222,52 @@ class Searcher:
             ImageError: an unreadable query image.
         """
         items = _queries(queries)
-        self.store.refresh_if_changed()
-        for q in items:  # refuse a bad id before any image is described
-            if q.id is not None:
-                self._check_id(q.id)
-        k_all = len(self.store) if k <= 0 else int(k)
-        rows = []
-        for done, q in enumerate(items, 1):
-            rows.append(self._rank(q, k_all, rotations))
-            if progress is not None:
-                progress(done, len(items))
-        return Ranking.stack(rows, k_all)
+        rows, k_all = self._rows(items, k, rotations, progress, report=False)
+        return Ranking.stack(rows, k_all)  # type: ignore[arg-type]  # none failed: raised
 
-    def _rank(self, query: Query, k: int, rotations: Sequence[int] | None) -> Ranking:
-        """One query's ``(k,)`` ranking: first stage (views fused), then the stages."""
-        views, penalty = self._views(query, rotations)
+    def _rows(
+        self,
+        items: list[Query],
+        k: int,
+        rotations: Sequence[int] | None,
+        progress: Progress | None,
+        report: bool,
+    ) -> tuple[list[Ranking | LookalikeError], int]:
+        """Each query's ``(k,)`` ranking, or with ``report`` the error that describing it
+        raised (an unreadable image, an unknown id, a bad vector); errors of the index or
+        of a stage are always raised."""
+        self.store.refresh_if_changed()
+        failed: dict[int, LookalikeError] = {}
+        for n, q in enumerate(items):  # refuse a bad id before any image is described
+            if q.id is not None:
+                try:
+                    self._check_id(q.id)
+                except ConfigError as error:
+                    if not report:
+                        raise
+                    failed[n] = error
+        k_all = len(self.store) if k <= 0 else int(k)
+        rows: list[Ranking | LookalikeError] = []
+        for n, q in enumerate(items):
+            error = failed.get(n)
+            if error is None:
+                try:
+                    views, penalty = self._views(q, rotations)
+                except (ConfigError, ImageError) as raised:
+                    if not report:
+                        raise
+                    error = raised
+                else:
+                    rows.append(self._rank(q, views, penalty, k_all))
+            if error is not None:
+                rows.append(error)
+            if progress is not None:
+                progress(n + 1, len(items))
+        return rows, k_all
+
+    def _rank(self, query: Query, views: np.ndarray, penalty: np.ndarray, k: int) -> Ranking:
+        """One query's ``(k,)`` ranking from its ``(v, D)`` views: first stage (views
+        fused), then the stages."""
         depth, outs = stage_depths(self.stages, k)
         scores, ids = self.store.search(views, depth)
         # a rotated view must beat the upright one by a margin: upright photos are the norm
@@ -309,11 +350,29 @@ class Searcher:
         k: int = 10,
         rotations: Sequence[int] | None = None,
         progress: Progress | None = None,
+        errors: str = "raise",
     ) -> list[Answer]:
-        """:meth:`search` joined to the records: what ``lookalike search`` prints."""
+        """:meth:`search` joined to the records: what ``lookalike search`` prints.
+
+        Args:
+            errors: ``"raise"``: a query that fails raises its error; ``"report"``: its
+                :class:`Answer` carries the error (``ImageError`` for an unreadable image,
+                ``ConfigError`` for an unknown id or a bad vector) and no hits, and the
+                other queries are answered. Errors of the index itself always raise.
+        """
+        if errors not in ERRORS:
+            raise ConfigError(f"errors must be one of {', '.join(ERRORS)}, got {errors!r}")
         items = _queries(queries)
-        hits = self.results(self.search(items, k, rotations, progress))
-        return [Answer(self._label(q), h) for q, h in zip(items, hits, strict=True)]
+        rows, k_all = self._rows(items, k, rotations, progress, report=errors == "report")
+        good = [r for r in rows if isinstance(r, Ranking)]
+        hits = iter(self.results(Ranking.stack(good, k_all)))
+        answers = []
+        for q, row in zip(items, rows, strict=True):
+            failed = isinstance(row, LookalikeError)
+            answers.append(
+                Answer(self._label(q), [] if failed else next(hits), row if failed else None)
+            )
+        return answers
 
     def _label(self, query: Query) -> str:
         """How an answer names its query: an indexed image by its path."""
@@ -376,7 +435,9 @@ def search(
     rotations: Sequence[int] | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    errors: str = "raise",
 ) -> list[Answer]:
-    """``lookalike search`` in one call: open, search, join, close."""
+    """``lookalike search`` in one call: open, search, join, close (``errors`` as in
+    :meth:`Searcher.answer`)."""
     with Searcher.open(index_dir, rerank, verify, device=device) as searcher:
-        return searcher.answer(queries, k, rotations, progress)
+        return searcher.answer(queries, k, rotations, progress, errors)

@@ -10,17 +10,24 @@ options in :mod:`~lookalike.cli.options`, and logging handlers and progress bars
 commands, so ``lookalike --help`` is quick and spawned decoder processes, which re-import
 this package, stay light.
 
-Errors a user can cause (:class:`~lookalike.errors.LookalikeError`) print ``error: ...`` on
-one line and exit with the error's ``exit_code``; Ctrl-C exits 130; usage errors exit 2.
+Every fault prints ``error: ...`` on one line, never a traceback: errors a user can cause
+(:class:`~lookalike.errors.LookalikeError`) exit with the error's ``exit_code``; stray
+``OSError`` and ``sqlite3`` errors are mapped by :mod:`~lookalike.cli.faults` (disk full,
+read-only, permission: 6; a missing index file or a damaged database: 4); Ctrl-C exits 130;
+usage errors exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lookalike.cli.check_commands import add_check_parsers
 from lookalike.cli.eval_commands import DATASET_KINDS, cmd_eval, cmd_presets
+from lookalike.cli.faults import fault
 from lookalike.cli.index_commands import cmd_index, cmd_info, cmd_remove
 from lookalike.cli.local_commands import cmd_match
 from lookalike.cli.options import (
@@ -42,10 +49,13 @@ from lookalike.cli.query_commands import (
     cmd_search,
 )
 from lookalike.cli.ui import Ui, configure_logging, print_error, silence_stdout, stderr_console
-from lookalike.errors import LookalikeError
 
 __all__ = ["build_parser", "main", "parse_box", "parse_rotations"]
 
+BOX_HELP = (
+    "crop x1,y1,x2,y2 (pixels) applied to every IMAGE (not to --id queries); negative "
+    "values work as --box -10,-10,50,50 or --box=-10,-10,50,50"
+)
 RERANK_HELP = (
     "re-ranking stages, comma-separated: aqe, alpha-qe, dba (descriptor space, in order) "
     "and verify (local features + RANSAC, always last), e.g. dba,alpha-qe,verify"
@@ -94,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, required=True, help="index directory")
     p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="query image files")
     p.add_argument("-k", type=int_at_least(0), default=10, help="results per query, 0: all")
-    p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
+    p.add_argument("--box", help=BOX_HELP)
     p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="indexed ids")
     p.add_argument("--rotations", help="query angles searched, e.g. 0,90,270 (default: preset)")
     p.add_argument("--rerank", default="", help=RERANK_HELP)
@@ -130,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="abstain (label '-', null in JSON) below this confidence (%(default)s)",
     )
-    p.add_argument("--box", help="crop x1,y1,x2,y2 (pixels) applied to every IMAGE")
+    p.add_argument("--box", help=BOX_HELP)
     p.add_argument(
         "--rerank", default="", help=RERANK_HELP + "; verify gives the inliers confidence"
     )
@@ -147,11 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--local",
         choices=LOCAL_CHOICES,
-        default="aliked",
         metavar="NAME",
-        help="local features: " + ", ".join(LOCAL_CHOICES) + " (%(default)s)",
+        help="local features: "
+        + ", ".join(LOCAL_CHOICES)
+        + " (default: aliked when its weights are on disk, else rootsift; nothing downloaded)",
     )
-    p.add_argument("--local-weights", metavar="PATH", help="ALIKED checkpoint (aliked-n16.pth)")
+    p.add_argument(
+        "--local-weights",
+        metavar="PATH",
+        help="ALIKED checkpoint (aliked-n16.pth); implies aliked",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_match)
 
@@ -178,11 +193,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", parents=[common], help="list every stage's named presets")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_presets)
+
+    add_check_parsers(sub, common)
     return parser
 
 
+# An option value may start with '-' (a box left of or above the image): argparse would
+# read it as an option, so it is glued to its option first.
+VALUED_OPTIONS = ("--box",)
+NEGATIVE_VALUE = re.compile(r"^-[\d.]")
+
+
+def attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--box", "-100,-100,-50,-50"]`` -> ``["--box=-100,-100,-50,-50"]``."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            out.append(arg)
+            out.extend(args)
+            break
+        if arg in VALUED_OPTIONS:
+            value = next(args, None)
+            if value is not None and NEGATIVE_VALUE.match(value):
+                out.append(f"{arg}={value}")
+                continue
+            out.append(arg)
+            if value is not None:
+                out.append(value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status (see :mod:`lookalike.cli.faults`)."""
+    argv = attach_negative_values(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, --version, usage errors (2)
@@ -191,17 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore = configure_logging(args.verbose, console)
     try:
         return args.func(args, Ui(console, enabled=not args.quiet))
-    except LookalikeError as error:
-        print_error(str(error))
-        return error.exit_code
     except KeyboardInterrupt:
         print_error("interrupted (what an index had committed is kept; rerun to resume)")
         return 130
     except BrokenPipeError:  # `lookalike search ... | head`
         silence_stdout()
         return 1
-    except OSError as error:  # unreadable dataset file, unwritable --json target, ...
-        print_error(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
-        return 1
+    except Exception as error:  # one line for every fault, see lookalike.cli.faults
+        message, code = fault(error, getattr(args, "index", None))
+        print_error(message)
+        return code
     finally:
         restore()

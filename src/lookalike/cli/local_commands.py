@@ -9,10 +9,13 @@ from lookalike.cli.ui import Ui
 
 
 def cmd_match(args: argparse.Namespace, ui: Ui) -> int:
-    from lookalike.local.conf import local_conf
+    from lookalike.local.conf import default_local_features, local_conf
     from lookalike.local.pair import match_files
 
-    conf = local_conf(args.local, weights=args.local_weights)
+    if args.local is None:  # offline by default: aliked only when its weights are on disk
+        conf = default_local_features(args.local_weights)
+    else:
+        conf = local_conf(args.local, weights=args.local_weights)
     a, b = args.images
     result = match_files(a, b, conf, args.out)
     if args.json:

@@ -119,14 +119,16 @@ def add_local_options(p: argparse.ArgumentParser, at_index: bool) -> None:
             choices=LOCAL_CHOICES,
             metavar="NAME",
             help="local features for verify when the index has none: computed on first "
-            "use and cached in the index (default: the index's, else aliked)",
+            "use and cached in the index (default: the index's, else aliked when its "
+            "weights are on disk, else rootsift)",
         )
         g.add_argument("--verify-budget", type=int_at_least(1), help="top results verified (100)")
         g.add_argument("--fusion", choices=FUSION_CHOICES, help="verified score (sim_plus_inliers)")
     g.add_argument(
         "--local-weights",
         metavar="PATH",
-        help="ALIKED checkpoint (aliked-n16.pth); default: kornia downloads it",
+        help="ALIKED checkpoint (aliked-n16.pth); default: torch's cache, else kornia "
+        "downloads it for --local aliked",
     )
 
 

@@ -1,6 +1,8 @@
 """``lookalike search`` and ``recognize``: query an index with image files or indexed ids.
 
-``search`` lists the most alike indexed images (:meth:`lookalike.search.Searcher.answer`);
+``search`` lists the most alike indexed images (:meth:`lookalike.search.Searcher.answer`),
+and a query that fails (an unreadable image, an unknown id) gets its one-line error in its
+place, the others their results (exit status: the first failure's, 3 for an image);
 ``recognize`` soft-votes over them for a label (:mod:`lookalike.recognize`), abstaining when
 the confidence is below a threshold. Both print a table, or JSON Lines with ``--json``.
 """
@@ -9,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lookalike.cli.options import parse_box, parse_rerank, parse_rotations, verify_overrides
-from lookalike.cli.ui import Ui, print_warning, stdout_console
+from lookalike.cli.ui import Ui, print_error, print_warning, stdout_console
 from lookalike.errors import ConfigError
 
 if TYPE_CHECKING:
     from lookalike.recognize import Prediction
+    from lookalike.search import Answer
 
 # Recognition defaults, spelled out here so that `lookalike --help` imports no torch; the
 # tests check them against lookalike.recognize.
@@ -34,6 +38,11 @@ def queries_of(args: argparse.Namespace) -> list:
     """The query images (with ``--box``) and then the ``--id`` ids, as queries."""
     from lookalike.query import Query
 
+    if args.box and not args.images:
+        raise ConfigError(
+            "--box crops the query IMAGE files, and --id queries take no box: give IMAGE "
+            "files to crop, or drop --box"
+        )
     box = parse_box(args.box) if args.box else None
     return [Query(image=p, box=box, name=str(p)) for p in args.images] + [
         Query(id=i) for i in getattr(args, "ids", [])
@@ -58,16 +67,37 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
             args.k,
             rotations,
             progress=bars.callback("searching", "query") if many else None,
+            errors="report",
         )
+    failed = [a.error for a in answers if a.error is not None]
     if args.json:
         for answer in answers:
-            print(json.dumps(answer.to_dict(), ensure_ascii=False))
-        return 0
+            print(json.dumps(answer.to_dict(), ensure_ascii=False), flush=True)
+            if answer.error is not None:
+                print_error(query_error(answer))
+    else:
+        print_answers(answers, verified="verify" in rerank)
+    # the first failed query's kind: 3 for an unreadable image, 2 for an unknown id
+    return failed[0].exit_code if failed else 0
+
+
+def query_error(answer: Answer) -> str:
+    """The one-line error of a failed query, naming it unless the message does."""
+    message = str(answer.error)
+    return message if answer.query in message else f"{answer.query}: {message}"
+
+
+def print_answers(answers: list[Answer], verified: bool) -> None:
+    """The human form of ``search``: a table per query; failed queries' errors on stderr,
+    in order."""
     from rich.table import Table
 
-    verified = "verify" in rerank
     console = stdout_console()
     for answer in answers:
+        if answer.error is not None:
+            sys.stdout.flush()
+            print_error(query_error(answer))
+            continue
         table = Table(title=f"{answer.query}: {len(answer.hits)} results", title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
@@ -81,7 +111,6 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
                 cells.append(str(hit.inliers) if hit.inliers is not None else "-")
             table.add_row(*cells, str(hit.id), hit.path)
         console.print(table)
-    return 0
 
 
 def cmd_recognize(args: argparse.Namespace, ui: Ui) -> int:

@@ -9,18 +9,29 @@ Presets were chosen with ``benchmarks/verify.py`` (tables in docs/benchmarks.md)
 512 px with 512 keypoints, ratio 0.9 and a 16 px homography threshold re-ranks Oxford5k's
 top 100 from 69.7 to 81.6 mAP at ~125 ms per query; RootSIFT at 1024 px is the best on
 Holidays (93.5) but 3-4x slower to match and worse on Oxford (76.4).
+
+Nothing is downloaded by default: :func:`default_local_features` picks ALIKED when its
+weights are on this machine and RootSIFT otherwise, for ``lookalike match`` and for
+verifying an index that keeps no local features.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lookalike.errors import ConfigError
-from lookalike.local.features import default_local_settings, local_feature_class
+from lookalike.local.features import (
+    aliked_cached_weights,
+    default_local_settings,
+    local_feature_class,
+)
 from lookalike.local.matching import FUSIONS, METHODS, MIN_MATCHES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,25 @@ def local_preset(features: str) -> VerifyConf:
         if conf.features == features:
             return conf
     return VerifyConf(features=features)
+
+
+def default_local_features(weights: str | Path | None = None) -> VerifyConf:
+    """The local features used when none are asked for, without a download: the
+    ``default`` preset (ALIKED, the measured best) when its weights are on disk (``weights``,
+    or torch's hub cache ``checkpoints/aliked-n16.pth``), else the ``rootsift`` preset.
+
+    Raises:
+        ConfigError: ``weights`` is given but is no file.
+    """
+    if weights is not None:
+        return VERIFY_PRESETS["default"].replace(weights=_weights_path(weights))
+    if aliked_cached_weights() is not None:
+        return VERIFY_PRESETS["default"]
+    logger.info(
+        "local features: rootsift (no ALIKED weights on this machine; give --local-weights "
+        "aliked-n16.pth, or --local aliked to download them, for ALIKED)"
+    )
+    return VERIFY_PRESETS["rootsift"]
 
 
 def _weights_path(weights: str | Path | None) -> str | None:

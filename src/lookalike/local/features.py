@@ -14,6 +14,8 @@ convention).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -339,10 +341,8 @@ def _load_aliked(
     # rather than every maximum above a score, so weakly textured images still get features.
     kwargs = {"max_num_keypoints": max_keypoints, "detection_threshold": 0.0}
     if weights is None:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{model}.pth"
-        if cached.is_file():  # downloaded before: no network needed
-            weights = cached
-        else:
+        weights = aliked_cached_weights(model)  # downloaded before: no network needed
+        if weights is None:
             return _download_aliked(ALIKED, model, device, kwargs)
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -366,6 +366,24 @@ def _load_aliked(
             f"{result.unexpected_keys[:3]}); pass the matching model name or checkpoint"
         )
     return net.to(device).eval()
+
+
+def torch_hub_dir() -> Path:
+    """torch's hub directory (``torch.hub.get_dir()``), found without importing torch:
+    ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``."""
+    torch = sys.modules.get("torch")
+    if torch is not None:  # imported: honour a torch.hub.set_dir()
+        return Path(torch.hub.get_dir())
+    cache = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    home = os.environ.get("TORCH_HOME", os.path.join(cache, "torch"))
+    return Path(home).expanduser() / "hub"
+
+
+def aliked_cached_weights(model: str = "aliked-n16") -> Path | None:
+    """The ALIKED checkpoint kornia downloaded before (``<hub>/checkpoints/<model>.pth``),
+    or None when there is none."""
+    path = torch_hub_dir() / "checkpoints" / f"{model}.pth"
+    return path if path.is_file() else None
 
 
 ALIKED_HOSTS = ("huggingface.co", "github.com")  # where kornia downloads the weights from

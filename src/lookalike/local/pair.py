@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.images import load_image
-from lookalike.local.conf import VerifyConf
+from lookalike.local.conf import VerifyConf, default_local_features
 from lookalike.local.draw import draw_matches
 from lookalike.local.features import KEYPOINTS, LocalExtractor
 from lookalike.local.matching import Verification, verify_pair
@@ -53,14 +53,16 @@ def match_files(
     Args:
         path0, path1: image files (any format :func:`~lookalike.images.load_image` reads).
         conf: local features and matching settings (its ``features``, ``ratio``, ``model``,
-            ``method`` and ``threshold_px`` apply); None: the ``default`` preset.
+            ``method`` and ``threshold_px`` apply); None:
+            :func:`~lookalike.local.conf.default_local_features` (ALIKED when its weights are
+            on disk, RootSIFT otherwise: nothing is downloaded).
         out_png: where to draw ``image0 | image1`` with a line per inlier match.
         extractor: a ready extractor for ``conf``.
 
     Raises:
         ImageError: a file cannot be read; ConfigError: bad settings or weights.
     """
-    conf = conf or VerifyConf()
+    conf = conf or default_local_features()
     images = [np.asarray(load_image(p)) for p in (path0, path1)]
     extractor = extractor or conf.create_extractor()
     feats0, feats1 = (extractor(image) for image in images)

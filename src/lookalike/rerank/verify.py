@@ -26,7 +26,7 @@ import numpy as np
 
 from lookalike.errors import ConfigError
 from lookalike.index.manifest import Manifest
-from lookalike.local.conf import VerifyConf, local_preset
+from lookalike.local.conf import VerifyConf, default_local_features, local_preset
 from lookalike.local.features import DESCRIPTORS, KEYPOINTS
 from lookalike.local.matching import fuse_scores, match_many, verify
 from lookalike.local.provider import IndexFeatures
@@ -39,8 +39,10 @@ QUERY_FEATURES = "local_features"  # QueryContext.cache key of the query's featu
 
 
 def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str = "") -> VerifyConf:
-    """The verification settings for an index: its recorded ones (or the default preset)
-    updated by ``conf`` (a dict of changes), or ``conf`` itself when complete.
+    """The verification settings for an index: its recorded ones (or, for an index that
+    keeps none, :func:`~lookalike.local.conf.default_local_features`: ALIKED when its weights
+    are on disk, RootSIFT otherwise) updated by ``conf`` (a dict of changes), or ``conf``
+    itself when complete.
 
     In a dict, ``features`` names the local features to verify with: on an index that keeps
     none, their preset (:func:`~lookalike.local.conf.local_preset`) is the base the other
@@ -51,19 +53,20 @@ def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str 
         ConfigError: ``conf`` asks for other local features than the index stores.
     """
     recorded = manifest.local
-    base = recorded or VerifyConf()
-    if conf is None:
-        return base
-    if isinstance(conf, dict):
-        changes = dict(conf)
+    if isinstance(conf, VerifyConf):
+        wanted = conf
+    else:
+        changes = dict(conf or {})
         features = changes.pop("features", None)
-        if features is not None and recorded is None:
+        if recorded is None and features is None:  # nothing downloaded unless asked for
+            base = default_local_features(changes.get("weights"))
+        elif recorded is None:
             base = local_preset(features)
         elif features is not None and features != recorded.features:
-            base = base.replace(features=features)  # refused below, naming both
+            base = recorded.replace(features=features)  # refused below, naming both
+        else:
+            base = recorded
         wanted = base.replace(**changes)
-    else:
-        wanted = conf
     if recorded is not None and wanted.feature_settings() != recorded.feature_settings():
         raise ConfigError(
             f"index {where} stores {recorded.features} local features "
