@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -320,6 +321,20 @@ def test_index_reuses_the_index_settings_by_default(small_index, capsys):
     rc, out, err = cli(capsys, "index", folder, "--index", index, "--workers", "0", "-q")
     assert rc == 0, err
     assert summary(out)["unchanged"] == "6"
+
+
+def test_index_says_when_it_records_other_query_defaults(small_index, tmp_path, capsys):
+    folder, built = small_index
+    index = shutil.copytree(built, tmp_path / "index")
+    argv = ["index", folder, "--index", index, "--workers", "0", "-q", "--preset", "upright"]
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0, err
+    assert "rotations 0 recorded as this index's search defaults" in out
+    assert summary(out)["unchanged"] == "6"
+    rc, out, _ = cli(capsys, "info", "--index", index)
+    assert rc == 0 and "rotations [0]" in out
+    rc, out, _ = cli(capsys, *argv)  # recorded already: nothing to say
+    assert rc == 0 and "recorded as" not in out
 
 
 @pytest.mark.parametrize(

@@ -191,6 +191,25 @@ def test_truncated_data_file_is_reported(index_dir: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("damage", ["page", "schema"])
+def test_a_damaged_database_is_one_error_naming_it(index_dir: Path, damage: str) -> None:
+    """Garbled pages (NULL offsets, bad tags) or a garbled schema: refused on opening."""
+    store = LocalFeatureStore(index_dir, "sift")
+    store.put_many([(i, fake_features("sift", 12, seed=i)) for i in range(1, 40)])
+    store.close()
+    db = index_dir / LOCAL_DIR / DB_NAME
+    data = bytearray(db.read_bytes())
+    if damage == "page":  # the b-tree header of every page after the first
+        for page in range(4096, len(data), 4096):
+            data[page : page + 8] = b"\xff" * 8
+    else:  # the table definitions on page 1
+        at = data.index(b"CREATE TABLE")
+        data[at + 20 : at + 60] = b"\xb6" * 40
+    db.write_bytes(bytes(data))
+    with pytest.raises(IndexStateError, match=f"{DB_NAME}.*damaged"):
+        LocalFeatureStore(index_dir, "sift").close()
+
+
 def test_compact(index_dir: Path) -> None:
     store = LocalFeatureStore(index_dir, "orb")
     feats = {i: fake_features("orb", 10 + i, i) for i in range(6)}

@@ -126,6 +126,26 @@ def test_missing_or_broken_database_is_refused(tmp_path: Path) -> None:
             Database(tmp_path / "junk.sqlite", SCHEMA, create=create, damaged=DAMAGED)
 
 
+def test_a_truncated_database_is_refused_unless_its_log_holds_the_pages(tmp_path: Path):
+    """SQLite reads a truncated file's missing pages as absent rows: the header's page
+    count is checked first (a write-ahead log beside it may hold those pages)."""
+    path = tmp_path / "t.sqlite"
+    db = Database(path, SCHEMA, create=True, damaged=DAMAGED)
+    with db.write() as conn:
+        conn.executemany("INSERT INTO kv(key, value) VALUES (?, ?)",
+                         [(f"k{i}", "x" * 500) for i in range(100)])  # fmt: skip
+    db.close()
+    size = path.stat().st_size
+    assert size > 4 * 4096 and not path.with_name("t.sqlite-wal").exists()
+    Database(path, damaged=DAMAGED).close()  # sound: opens
+    with open(path, "r+b") as f:
+        f.truncate(size - 4096 - 100)
+    with pytest.raises(IndexStateError, match=f"t.sqlite is truncated .*; {DAMAGED}"):
+        Database(path, damaged=DAMAGED)
+    path.with_name("t.sqlite-wal").write_bytes(b"\0" * 32)  # a log: its pages may be there
+    storage.check_sqlite_size(path, DAMAGED)
+
+
 # -- append-then-commit ------------------------------------------------------------------------
 
 

@@ -270,6 +270,44 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_sqlite_size(path: Path, damaged: str, attempts: int = 3) -> None:
+    """``IndexStateError`` when the SQLite file at ``path`` is shorter than its header says.
+
+    SQLite takes a truncated file's missing pages as absent, so its rows would silently go
+    missing; the header's page count (when valid: the change counter equals the
+    version-valid-for number) is the size a sound file has at least, unless a write-ahead
+    log is beside it: a checkpoint interrupted (by a full disk) or running in another
+    process leaves pages only in the log, which SQLite reads from there; a short file is also
+    looked at again before it is called damaged. A stat or two and one 100-byte read.
+    """
+    wal = path.with_name(path.name + "-wal")
+    for attempt in range(attempts):
+        st = check_entry(wal)
+        if st is not None and st.st_size > 0:
+            return
+        fd = open_fd(path, os.O_RDONLY)
+        try:
+            header = os.pread(fd, 100, 0)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+            return  # not a database at all: SQLite says so when it is opened
+        page = int.from_bytes(header[16:18], "big")
+        page = 65536 if page == 1 else page
+        pages = int.from_bytes(header[28:32], "big")
+        if header[24:28] != header[92:96] or size >= pages * page:
+            return
+        if attempt + 1 < attempts:
+            time.sleep(0.05 * (attempt + 1))
+    raise IndexStateError(
+        f"{path} is truncated ({size} bytes; its header says {pages} pages of {page}); {damaged}"
+    )
+
+
 class Database:
     """A SQLite file with explicit transactions and a ``kv`` table.
 
@@ -303,6 +341,8 @@ class Database:
             check_entry(path.with_name(path.name + suffix))
         if not create and not exists:
             raise IndexStateError(f"{path} is missing; {damaged}")
+        if exists:
+            check_sqlite_size(path, damaged)
         try:
             self.conn = self._connect("rwc" if create else "rw")
         except sqlite3.OperationalError as error:
@@ -343,6 +383,11 @@ class Database:
             if not mode.startswith("ro"):
                 conn.execute("PRAGMA synchronous=FULL")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except UnicodeDecodeError:  # SQLite's message quotes a garbled schema
+            conn.close()
+            raise IndexStateError(
+                f"cannot open {self.path} (its schema is garbled); {self.damaged}"
+            ) from None
         except sqlite3.DatabaseError as error:
             conn.close()
             if isinstance(error, sqlite3.OperationalError):

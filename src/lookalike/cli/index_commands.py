@@ -61,6 +61,9 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
     print(f"  {'seconds':<10} {report.seconds:.2f}")
     print(f"  {'images/s':<10} {report.images_per_second:.1f}")
     print(f"  {'whitening':<10} {'learned' if report.whitening_learned else 'not learned'}")
+    if report.query_defaults_changed:
+        rotations = ",".join(str(r) for r in settings.extract.query_rotations)
+        print(f"  {'queries':<10} rotations {rotations} recorded as this index's search defaults")
     if report.local_described:
         print(f"  {'local':<10} {report.local_described} images described")
     if report.missing:
