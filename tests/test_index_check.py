@@ -376,6 +376,17 @@ def test_a_full_disk_is_one_storage_error(root: Path, monkeypatch) -> None:
         assert len(store) == 12
 
 
+def test_sqlites_io_error_on_a_nearly_full_disk_is_a_full_disk(tmp_path: Path, monkeypatch):
+    """SQLite says "disk I/O error" when it cannot make its shared-memory file: with next to
+    no space left that is a full disk, not damage."""
+    io_error = sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(confined, "NEARLY_FULL", 0)  # plenty of space: not mapped
+    assert confined.storage_error(io_error, tmp_path / "meta.sqlite") is None
+    monkeypatch.setattr(confined, "NEARLY_FULL", 1 << 62)  # any disk is nearly full now
+    error = confined.storage_error(io_error, tmp_path / "gone" / "meta.sqlite")
+    assert isinstance(error, StorageError) and "the disk is full" in str(error)
+
+
 def test_a_read_only_index_refuses_writers_with_a_storage_error(root: Path) -> None:
     from conftest import read_only_view
 

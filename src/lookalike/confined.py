@@ -255,8 +255,28 @@ def file_digest(path: Path) -> str:
 # -- what the environment refuses ----------------------------------------------------------------
 
 
+NEARLY_FULL = 1 << 20  # bytes free below which SQLite's "disk I/O error" means a full disk
+
+
+def nearly_full(path: Path | str) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing folder) has less
+    than :data:`NEARLY_FULL` bytes free for this user."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
+
+
 def storage_error(error: BaseException, path: Path | str) -> StorageError | None:
-    """The :class:`StorageError` for a write refused by the environment, None for others."""
+    """The :class:`StorageError` for a write refused by the environment, None for others.
+
+    SQLite reports a shared-memory or log file it cannot extend as "disk I/O error": on a
+    file system with (nearly) no space left, that is a full disk.
+    """
     reason = None
     if isinstance(error, OSError):
         code = error.errno
@@ -271,7 +291,8 @@ def storage_error(error: BaseException, path: Path | str) -> StorageError | None
             todo = f"give this user write access to {Path(path).parent} and rerun"
     elif isinstance(error, sqlite3.OperationalError):
         text = str(error).lower()
-        if "disk is full" in text or "database or disk is full" in text:
+        full = "disk is full" in text or ("disk i/o error" in text and nearly_full(path))
+        if full:
             reason, todo = "the disk is full (or the quota is used up)", "free some space and rerun"
         elif "readonly database" in text or "read-only" in text:
             reason = "it is read-only"

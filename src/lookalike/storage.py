@@ -335,6 +335,7 @@ class Database:
         self.path = path
         self.damaged = damaged
         self.read_only = False  # opened without write access (a read-only directory)
+        self.unwritable: StorageError | None = None  # why writes are refused (a full disk)
         # SQLite opens these by name and follows links: each must be a plain file or absent
         exists = check_entry(path) is not None
         for suffix in SIDE_FILES:
@@ -346,12 +347,21 @@ class Database:
         try:
             self.conn = self._connect("rwc" if create else "rw")
         except sqlite3.OperationalError as error:
-            if create or os.access(path.parent, os.W_OK):
-                mapped = storage_error(error, path) if create else None
-                if mapped is not None:
+            mapped = storage_error(error, path)
+            if create and mapped is not None:
+                raise mapped from None
+            if not create and mapped is not None and os.access(path.parent, os.W_OK):
+                # a full disk: SQLite cannot make its shared-memory file; read without it
+                # where that is sound, and refuse writes saying why
+                self.unwritable = mapped
+                try:
+                    self.conn = self._connect_read_only(error)
+                except IndexStateError:
                     raise mapped from None
+            elif create or os.access(path.parent, os.W_OK):
                 raise IndexStateError(f"cannot open {path} ({error}); {damaged}") from None
-            self.conn = self._connect_read_only(error)
+            else:
+                self.conn = self._connect_read_only(error)
         try:
             if create:
                 self.conn.execute("PRAGMA journal_mode=WAL")
@@ -429,6 +439,8 @@ class Database:
 
         SQLite's lock serialises the writers of every process; readers never wait.
         """
+        if self.unwritable is not None:
+            raise self.unwritable
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:

@@ -422,27 +422,23 @@ class LocalFeatureStore:
     def __contains__(self, id: object) -> bool:
         if isinstance(id, bool) or not isinstance(id, int | np.integer):
             return False
-        with self._mutex:
-            self._check_open()
+        with self._mutex, self._snapshot():
             row = self._conn.execute("SELECT 1 FROM features WHERE id = ?", (int(id),)).fetchone()
         return row is not None
 
     def __len__(self) -> int:
-        with self._mutex:
-            self._check_open()
+        with self._mutex, self._snapshot():
             return int(self._conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
 
     def ids(self) -> np.ndarray:
         """Every stored image id, ascending, int64."""
-        with self._mutex:
-            self._check_open()
+        with self._mutex, self._snapshot():
             rows = self._conn.execute("SELECT id FROM features ORDER BY id").fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def tags(self) -> dict[int, str | None]:
         """Every stored image id and its tag (what :func:`lookalike.local.sync` compares)."""
-        with self._mutex:
-            self._check_open()
+        with self._mutex, self._snapshot():
             rows = self._conn.execute("SELECT id, tag FROM features").fetchall()
         return {int(i): t for i, t in rows}
 
@@ -451,7 +447,12 @@ class LocalFeatureStore:
         with self._mutex, self._snapshot():
             rows = self._conn.execute("SELECT n FROM features").fetchall()
             end = int(self._kv("data_end"))
-        live = sum(self.record_bytes(int(n)) for (n,) in rows)
+        if any(not isinstance(n, int) for (n,) in rows):  # a damaged record
+            raise IndexStateError(
+                f"{self.root / DB_NAME} is damaged (a record without its size); "
+                f"{damaged(self.root)}"
+            )
+        live = sum(self.record_bytes(n) for (n,) in rows)
         return {"images": len(rows), "live_bytes": live, "file_bytes": end}
 
 
