@@ -12,6 +12,7 @@ from lookalike.evaluate.datasets import (
     load_labelled_folder,
     load_oxford,
 )
+from lookalike.evaluate.labelled import LabelledReport, labelled_metrics
 from lookalike.evaluate.metrics import (
     average_precision,
     average_precision_at_k,
@@ -29,6 +30,7 @@ from lookalike.evaluate.run import evaluate, evaluate_dataset
 
 __all__ = [
     "DATASETS",
+    "LabelledReport",
     "Query",
     "RetrievalDataset",
     "apply_exclusions",
@@ -39,6 +41,7 @@ __all__ = [
     "evaluate_rankings",
     "global_average_precision",
     "hit_ranks",
+    "labelled_metrics",
     "load_dataset",
     "load_holidays",
     "load_labelled_folder",
