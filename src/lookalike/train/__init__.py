@@ -1,10 +1,12 @@
 """Metric-learning fine-tuning of the descriptor on a labelled folder (issue 9, in progress).
 
 Built so far: :mod:`lookalike.train.losses` (pytorch-metric-learning's losses and miners by
-preset, CurricularFace, GLR-2021 dynamic margins, P-K sampling). The model, the loop, the
-model directory and ``lookalike train`` come next.
+preset, CurricularFace, GLR-2021 dynamic margins, P-K sampling) and
+:mod:`lookalike.train.model` (backbone, learned GeM or R-MAC, projection + batch norm, L2).
+The loop, the model directory and ``lookalike train`` come next.
 """
 
 from lookalike.train.losses import LOSS_PRESETS, LossConf, build_loss, loss_preset, pk_sampler
+from lookalike.train.model import DescriptorModel
 
-__all__ = ["LOSS_PRESETS", "LossConf", "build_loss", "loss_preset", "pk_sampler"]
+__all__ = ["LOSS_PRESETS", "DescriptorModel", "LossConf", "build_loss", "loss_preset", "pk_sampler"]
