@@ -5,7 +5,7 @@ A *sandbox* is a folder holding ``images/`` (the collection), ``idx/`` (the inde
 test) and ``outside/`` (files that nothing may touch: a decoy, the targets of planted
 symlinks); commands run with the sandbox as their working directory. A *case* damages
 ``idx`` (or its disk), then runs ``info``, ``search`` (queries that must find themselves),
-``index`` again and ``search`` once more, and, where a ``repair`` command exists and the
+``index`` again and ``search`` once more, and, where the
 index is still refused, ``repair``, ``index`` when repair says images are to be described
 again, and ``search``. Each run is classified:
 
@@ -337,7 +337,7 @@ def run_case(
 ) -> Case:
     """Damage ``sandbox/idx`` (already a copy of the clean index), run ``commands`` on the
     index at ``index`` (relative to the sandbox) and classify them; ``repair`` + ``search``
-    follow when the index is still refused and the command line has ``repair``."""
+    follow when the index is still refused."""
     skip = (index.split("/")[0], "idx")
     if damage is not None:
         damage(sandbox / index)
@@ -358,7 +358,7 @@ def run_case(
             case.steps.append(classify("remove", r, None))
         else:
             raise ValueError(command)
-    if case.steps and case.steps[-1].kind == "error" and has_repair(run, sandbox):
+    if case.steps and case.steps[-1].kind == "error":
         repair = run(["repair", "--index", index], sandbox)
         case.steps.append(classify("repair", repair, None))
         if "to describe again" in repair.out:  # what repair tells the user to do next
@@ -374,16 +374,6 @@ def run_case(
         case.steps.append(step)
     case.outside = changed(before, snapshot(sandbox, skip))
     return case
-
-
-_HAS_REPAIR: dict[str, bool] = {}
-
-
-def has_repair(run: Runner, cwd: Path) -> bool:
-    """Whether this command line has ``lookalike repair`` (added by the storage work)."""
-    if "repair" not in _HAS_REPAIR:
-        _HAS_REPAIR["repair"] = run(["repair", "--help"], cwd).rc == 0
-    return _HAS_REPAIR["repair"]
 
 
 @contextlib.contextmanager

@@ -177,12 +177,6 @@ def new_digest() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=32)
 
 
-def digest_of(data: bytes | memoryview) -> str:
-    h = new_digest()
-    h.update(data)
-    return h.hexdigest()
-
-
 class DigestWriter(io.RawIOBase):
     """A write-only, non-seekable stream into ``fd`` that hashes what it writes (zip
     writers, as ``np.savez``, then write sequentially instead of seeking back)."""

@@ -112,20 +112,10 @@ def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
 def _is_listed(path: Path) -> bool:
     """A regular file (through links), or a symbolic link that dangles or loops."""
     try:
-        return path.is_file() or (path.is_symlink() and _link_problem(path) is not None)
+        # exists() is False for a link that dangles or loops (ENOENT, ELOOP)
+        return path.is_file() or (path.is_symlink() and not path.exists())
     except OSError:  # an entry that vanished meanwhile
         return False
-
-
-def _link_problem(path: str | Path) -> str | None:
-    """``"broken symbolic link"`` / ``"symbolic link loop"`` when ``path`` is one, else None."""
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return "broken symbolic link" if os.path.islink(path) else None
-    except OSError as error:
-        return "symbolic link loop" if error.errno == errno.ELOOP else None
-    return None
 
 
 def file_hash(data: bytes) -> str:

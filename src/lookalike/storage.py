@@ -492,6 +492,22 @@ class Database:
     def kv_delete(self, key: str) -> None:
         self.conn.execute("DELETE FROM kv WHERE key = ?", (key,))
 
+    @contextlib.contextmanager
+    def damage_as_error(self) -> Iterator[None]:
+        """What SQLite raises for a damaged file (a malformed page, garbled text), as one
+        ``IndexStateError`` naming the file; locked, busy and I/O errors pass through."""
+        try:
+            yield
+        except UnicodeDecodeError:  # SQLite's message quotes garbled bytes
+            raise IndexStateError(
+                f"{self.path} is damaged (garbled text); {self.damaged}"
+            ) from None
+        except sqlite3.DatabaseError as error:
+            text = str(error)
+            if isinstance(error, sqlite3.OperationalError) and "decode" not in text:
+                raise
+            raise IndexStateError(f"{self.path} is damaged ({text}); {self.damaged}") from None
+
     def integrity_problems(self) -> list[str]:
         """What SQLite's ``PRAGMA integrity_check`` finds (empty: the file is sound)."""
         try:

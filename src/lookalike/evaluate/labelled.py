@@ -29,6 +29,11 @@ from typing import Any
 import numpy as np
 
 from lookalike.errors import ConfigError
+from lookalike.evaluate.metrics import (
+    _ap_at_k_from_hits,
+    _precision_from_hits,
+    _recall_from_hits,
+)
 
 
 @dataclass
@@ -119,13 +124,12 @@ def labelled_metrics(
             if positives == 0:
                 continue
             rel = codes[ids] == mine
+            hits = np.flatnonzero(rel)  # the positives' ranks, as the metrics module takes them
             counted += 1
             for kk in ks:
-                hits_at[kk] += bool(rel[:kk].any())
-            top_r = rel[:positives]
-            r_prec += top_r.sum() / positives
-            precision = np.cumsum(top_r) / np.arange(1, positives + 1)
-            ap_r += float((precision * top_r).sum()) / positives
+                hits_at[kk] += _recall_from_hits(hits, positives, kk)
+            r_prec += _precision_from_hits(hits, positives, positives)  # R-precision
+            ap_r += _ap_at_k_from_hits(hits, positives, positives)  # AP at R
             per_class.setdefault(mine, []).append(bool(rel[0]))
             if not rel[0]:
                 missed_to.setdefault(mine, Counter())[int(codes[ids[0]])] += 1

@@ -188,13 +188,18 @@ class MetaDB(Database):
         """The recorded digests of the blocks ``indices`` (those recorded)."""
         if not self.has_blocks or not indices:
             return {}
-        if len(indices) > 256:  # a large read: one scan of the (small) table
+        if len(indices) > 256:  # a large read: the range it spans, in one query
             wanted = set(indices)
-            return {i: b for i, b in self.blocks().items() if i in wanted}
-        marks = ",".join("?" * len(indices))
-        rows = self.conn.execute(
-            f"SELECT block, rows, digest FROM vector_blocks WHERE block IN ({marks})", indices
-        ).fetchall()
+            rows = self.conn.execute(
+                "SELECT block, rows, digest FROM vector_blocks WHERE block BETWEEN ? AND ?",
+                (min(indices), max(indices)),
+            ).fetchall()
+            rows = [r for r in rows if r[0] in wanted]
+        else:
+            marks = ",".join("?" * len(indices))
+            rows = self.conn.execute(
+                f"SELECT block, rows, digest FROM vector_blocks WHERE block IN ({marks})", indices
+            ).fetchall()
         return {int(b): Block(int(b), int(n), d) for b, n, d in rows}
 
     def block(self, index: int) -> Block | None:

@@ -20,12 +20,13 @@ from its content), never on how the build was split into runs.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.storage import Database, remove_durably
+from lookalike.storage import SIDE_FILES, Database, remove_durably
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +144,8 @@ class RegionSamples:
 
 def remove_samples(index_dir: Path) -> bool:
     """Delete ``regions.sqlite`` (and its WAL files); whether there was one."""
-    paths = [index_dir / f"{REGIONS_NAME}{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
-    found = any(p.exists() or p.is_symlink() for p in paths)
+    paths = [index_dir / f"{REGIONS_NAME}{suffix}" for suffix in ("", *SIDE_FILES)]
+    found = any(os.path.lexists(p) for p in paths)
     if found:
         remove_durably(paths)
     return found

@@ -222,8 +222,11 @@ class BlockVerifier:
     each block once per process (and again when its recorded digest changes: a partial
     block that grew, a new file after a compaction).
 
+    A whole block, once verified, is not looked up again (its rows never change under its
+    file name), so reads of verified rows cost no query.
+
     Args:
-        block_rows: ``block_rows() -> int``, rows per block (``meta.sqlite``'s).
+        block_rows: ``block_rows() -> int``, rows per block (``meta.sqlite``'s; read once).
         lookup: ``lookup(block indices) -> {index: Block}``, the recorded digests (read in
             the caller's snapshot); a block without a record is not checked (an index of
             schema 1, or rows whose digests a repair dropped).
@@ -234,15 +237,22 @@ class BlockVerifier:
     ) -> None:
         self.block_rows = block_rows
         self.lookup = lookup
-        self._verified: set[tuple[str, int, int, str]] = set()  # (file, block, rows, digest)
+        self._rows: int | None = None  # block_rows(), once
+        self._whole: set[tuple[str, int]] = set()  # (file, block) of whole verified blocks
+        self._verified: set[tuple[str, int, int, str]] = set()  # partial ones, by digest
 
     def verify(self, vectors: VectorFile, slots: np.ndarray, n_rows: int) -> None:
         """``IndexStateError`` naming the images of a block at ``slots`` whose rows do not
         match its digest."""
-        block_rows = self.block_rows()
-        touched = sorted({int(b) for b in np.unique(slots // block_rows)})
+        if self._rows is None:
+            self._rows = self.block_rows()
+        block_rows, name = self._rows, vectors.path.name
+        touched = [
+            b for b in np.unique(slots // block_rows).tolist() if (name, b) not in self._whole
+        ]
+        if not touched:
+            return
         recorded = self.lookup(touched)
-        name = vectors.path.name
         todo = [
             b
             for b in (recorded.get(i) for i in touched)
@@ -267,7 +277,10 @@ class BlockVerifier:
                         f"{repair_hint(vectors.path.parent)} (the next `lookalike index` "
                         "then describes them again)"
                     )
-                self._verified.add((name, block.index, block.rows, block.digest))
+                if block.rows == block_rows:
+                    self._whole.add((name, block.index))
+                else:
+                    self._verified.add((name, block.index, block.rows, block.digest))
         finally:
             del mapped
 

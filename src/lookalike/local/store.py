@@ -147,7 +147,7 @@ class LocalFeatureStore:
         self._db = connect(self.root, create=False)
         self._conn = self._db.conn
         try:
-            with self._damage_as_error():
+            with self._db.damage_as_error():
                 # the store's records are read as they are: a damaged page would give NULL
                 # offsets or garbled tags, so the (small) database is checked first
                 problems = self._conn.execute("PRAGMA quick_check").fetchall()
@@ -200,33 +200,16 @@ class LocalFeatureStore:
             raise IndexStateError(f"local feature store {self.root} is closed; open it again")
 
     @contextmanager
-    def _damage_as_error(self) -> Iterator[None]:
-        """What SQLite raises for a damaged file, as one ``IndexStateError`` naming it."""
-        try:
-            yield
-        except UnicodeDecodeError:  # SQLite's message quotes garbled bytes
-            raise IndexStateError(
-                f"{self.root / DB_NAME} is damaged (garbled text); {damaged(self.root)}"
-            ) from None
-        except sqlite3.DatabaseError as error:
-            text = str(error)
-            if isinstance(error, sqlite3.OperationalError) and "decode" not in text:
-                raise  # locked, busy, I/O: not damage (the CLI maps them)
-            raise IndexStateError(
-                f"{self.root / DB_NAME} is damaged ({text}); {damaged(self.root)}"
-            ) from None
-
-    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; SQLite's lock serialises writers of every process."""
         self._check_open()
-        with self._damage_as_error(), self._db.write() as conn:
+        with self._db.damage_as_error(), self._db.write() as conn:
             yield conn
 
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         self._check_open()
-        with self._damage_as_error(), self._db.snapshot() as conn:
+        with self._db.damage_as_error(), self._db.snapshot() as conn:
             yield conn
 
     def _kv(self, key: str) -> str | None:

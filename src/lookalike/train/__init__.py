@@ -7,7 +7,5 @@ preset, CurricularFace, GLR-2021 dynamic margins, P-K sampling),
 The loop, the model directory and ``lookalike train`` come next.
 """
 
-from lookalike.train.losses import LOSS_PRESETS, LossConf, build_loss, loss_preset, pk_sampler
-from lookalike.train.model import DescriptorModel
-
-__all__ = ["LOSS_PRESETS", "DescriptorModel", "LossConf", "build_loss", "loss_preset", "pk_sampler"]
+# Nothing is imported here: ``lookalike.train.data`` stays free of torch and
+# pytorch-metric-learning; import the submodules themselves.

@@ -226,9 +226,9 @@ def build_loss(
 
 
 def _miner(conf: LossConf) -> miners.BaseMiner | None:
-    p = dict(conf.miner_params)
     if conf.miner is None:
         return None
+    p = dict(conf.miner_params)
     if conf.miner == "triplet":
         return miners.TripletMarginMiner(**p)
     if conf.miner == "batch-hard":

@@ -15,18 +15,16 @@ from torch import nn
 from lookalike import functional as F
 from lookalike.errors import ConfigError
 from lookalike.models import Backbone
-from lookalike.pooling import RMAC
+from lookalike.pooling import RMAC, GeM
 
 POOLINGS = ("gem", "rmac")
 
 
-class LearnedGeM(nn.Module):
+class LearnedGeM(GeM):
     """GeM pooling (Radenovic et al. 2018) whose ``p`` is a trained parameter."""
 
     def __init__(self, p: float = 3.0) -> None:
-        super().__init__()
-        if p <= 0:
-            raise ConfigError(f"GeM p must be > 0, got {p}")
+        super().__init__(p)  # validates p
         self.p = nn.Parameter(torch.tensor(float(p)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
