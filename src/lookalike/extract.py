@@ -33,6 +33,8 @@ from lookalike.whitening import WhiteningConf
 
 logger = logging.getLogger(__name__)
 
+TRAINED = "trained"  # the pooling of a trained model: its own head (lookalike.train)
+
 
 @dataclass(frozen=True)
 class ExtractConf:
@@ -43,7 +45,8 @@ class ExtractConf:
     image_size: int = 512  # long side of the image at scale 1, pixels
     upscale: bool = False  # enlarge images smaller than image_size; False only shrinks
     scales: tuple[float, ...] = (1.0,)  # image scales whose descriptors are summed; (1.0,) is off
-    pooling: str = "rmac"  # POOLING key: gap, spoc, mac, gem, rmac
+    pooling: str = "rmac"  # POOLING key: gap, spoc, mac, gem, rmac; or "trained": the head
+    #   of the trained model whose directory ``weights`` names (lookalike.train.model_dir)
     gem_p: float = 3.0  # GeM exponent (pooling="gem" only)
     rmac_levels: int = 3  # R-MAC region scales (pooling="rmac" only)
     whitening: WhiteningConf | None = field(
@@ -67,6 +70,8 @@ class ExtractConf:
             )
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("batch_size must be >= 1 and workers >= 0")
+        if self.pooling == TRAINED and self.weights is None:
+            raise ConfigError("pooling 'trained' needs weights: the trained model's directory")
 
     def descriptor(self) -> dict:
         """The fields that define the descriptor space (stored in an index, checked on reuse)."""
@@ -150,20 +155,51 @@ class Descriptors:
     regions: list[np.ndarray] | None = None
 
 
+class TrainedHead(torch.nn.Module):
+    """A trained model's head (pooling with its learned p, projection, batch norm) as a
+    pooling layer: what follows the exported backbone when indexing with a trained model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.dim = int(model.dim)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x)
+
+    def regions(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)[:, None]
+
+
+def _trained_parts(conf: ExtractConf) -> tuple[torch.nn.Module, TrainedHead]:
+    from lookalike.train.model_dir import load_model
+
+    loaded = load_model(conf.weights)
+    if loaded.info["backbone"]["name"] != conf.model:
+        raise ConfigError(
+            f"model {conf.weights} is a {loaded.info['backbone']['name']}, not {conf.model}"
+        )
+    return loaded.model.backbone, TrainedHead(loaded.model)
+
+
 class Extractor:
     """Computes global descriptors with a fixed :class:`ExtractConf`."""
 
     def __init__(self, conf: ExtractConf = ExtractConf(), cache_dir: Path | None = None) -> None:
         self.conf = conf
-        self.backbone = create_backbone(conf.model, conf.weights)
+        if conf.pooling == TRAINED:
+            self.backbone, self.pooling = _trained_parts(conf)
+        else:
+            self.backbone = create_backbone(conf.model, conf.weights)
+            self.pooling = create_pooling(conf.pooling, conf.gem_p, conf.rmac_levels)
         self.runner = create_runner(self.backbone, conf.runtime, conf.device, cache_dir)
-        self.pooling = create_pooling(conf.pooling, conf.gem_p, conf.rmac_levels)
         self.mean = np.asarray(self.backbone.mean, np.float32)[:, None, None]
         self.std = np.asarray(self.backbone.std, np.float32)[:, None, None]
 
     @property
     def dim(self) -> int:
-        return self.backbone.out_channels
+        return getattr(self.pooling, "dim", None) or self.backbone.out_channels
 
     @property
     def max_side(self) -> int:

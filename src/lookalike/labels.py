@@ -127,10 +127,32 @@ def labels_from_mapping(labels: Mapping[str | Path, str | None]) -> LabelSource:
     return metadata
 
 
+def labels_from_parent(root: str | Path) -> LabelSource:
+    """Label every image under ``root`` by its parent folder's name, as training does.
+
+    ``root/Fruit/Apple/Granny-Smith/a.jpg`` gets ``{"label": "Granny-Smith"}``; images
+    directly in ``root``, or outside it, get ``{}``.
+    """
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise ConfigError(f"label folder {root} is not a directory; pass the indexed image folder")
+
+    def metadata(path: Path) -> dict:
+        path = Path(path).expanduser().resolve()
+        if path.parent == base or not path.is_relative_to(base):
+            return {}
+        return {LABEL_KEY: path.parent.name}
+
+    return metadata
+
+
 def label_source(spec: str | Path, image_dir: str | Path) -> LabelSource:
-    """The source named on the command line: ``"folder"`` or the path of a CSV file."""
+    """The source named on the command line: ``"folder"`` (the first sub-folder),
+    ``"parent"`` (the parent folder, what ``lookalike train`` uses) or a CSV file."""
     if str(spec) == "folder":
         return labels_from_folder(image_dir)
+    if str(spec) == "parent":
+        return labels_from_parent(image_dir)
     return labels_from_csv(spec, root=image_dir)
 
 

@@ -80,7 +80,7 @@ class Backbone(nn.Module):
         return self.model(x)
 
 
-def _tensor_hash(state: dict[str, torch.Tensor]) -> str:
+def tensor_hash(state: dict[str, torch.Tensor]) -> str:
     # Every byte is hashed (~30 ms for EfficientNet-Lite0): weights_id keys the ONNX cache,
     # so two checkpoints that differ anywhere must not share an exported graph.
     h = hashlib.blake2b(digest_size=8)
@@ -179,4 +179,4 @@ def create_backbone(
         state = map_state_dict(model, _read_checkpoint(Path(weights)))
         model.load_state_dict(state)
         logger.info("loaded %s weights from %s", name, weights)
-    return Backbone(model, name, _tensor_hash(model.state_dict()))
+    return Backbone(model, name, tensor_hash(model.state_dict()))

@@ -8,6 +8,8 @@ extract    descriptor settings (``--preset``)                    ``index``, ``ev
 index      vector backend and structure (``--index-preset``)     ``index``, ``eval``
 rerank     re-ranking stages (``--rerank a,b,...``)              ``search``, ...
 verify     local features and matching (``index --local NAME``)  ``index``, ``search``
+train      training settings (``train --preset``)                ``train``
+loss       metric-learning losses (``train --loss``)             ``train``
 =========  ====================================================  ===================
 """
 
@@ -31,6 +33,8 @@ def presets() -> dict[str, dict[str, Any]]:
     from lookalike.index import INDEX_PRESETS
     from lookalike.local.conf import VERIFY_PRESETS
     from lookalike.rerank import DBA_PRESETS, QE_PRESETS, VERIFY
+    from lookalike.train.conf import TRAIN_PRESETS
+    from lookalike.train.losses import LOSS_PRESETS
 
     rerank: dict[str, Any] = {name: {"qe": _plain(c)} for name, c in QE_PRESETS.items()}
     rerank.update({name: {"dba": _plain(c)} for name, c in DBA_PRESETS.items()})
@@ -40,4 +44,6 @@ def presets() -> dict[str, dict[str, Any]]:
         "index": {name: c.to_dict() for name, c in INDEX_PRESETS.items()},
         "rerank": rerank,
         "verify": {name: _plain(c) for name, c in VERIFY_PRESETS.items()},
+        "train": {name: c.to_dict() for name, c in TRAIN_PRESETS.items()},
+        "loss": {name: _plain(c) for name, c in LOSS_PRESETS.items()},
     }

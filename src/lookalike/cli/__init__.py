@@ -1,10 +1,12 @@
-"""The ``lookalike`` command: index, search, recognize, match, remove, info, eval, presets.
+"""The ``lookalike`` command: index, search, recognize, match, remove, info, eval, presets,
+check, repair, train.
 
 Thin by design: each command parses its options, calls one function of a stage
 (``indexing``, ``search``, ``recognize``, ``local``, ``evaluate``, ``presets``) and formats the
 result; ``--json`` prints what that function returned. The parser and :func:`main`
 live here; the commands live by topic in :mod:`~lookalike.cli.index_commands`,
-:mod:`~lookalike.cli.query_commands` and :mod:`~lookalike.cli.eval_commands`, the shared
+:mod:`~lookalike.cli.query_commands`, :mod:`~lookalike.cli.eval_commands`,
+:mod:`~lookalike.cli.check_commands` and :mod:`~lookalike.cli.train_commands`, the shared
 options in :mod:`~lookalike.cli.options`, and logging handlers and progress bars in
 :mod:`~lookalike.cli.ui` and nowhere else. torch and onnxruntime are imported inside the
 commands, so ``lookalike --help`` is quick and spawned decoder processes, which re-import
@@ -48,6 +50,7 @@ from lookalike.cli.query_commands import (
     cmd_recognize,
     cmd_search,
 )
+from lookalike.cli.train_commands import add_train_parser
 from lookalike.cli.ui import Ui, configure_logging, print_error, silence_stdout, stderr_console
 
 __all__ = ["build_parser", "main", "parse_box", "parse_rotations"]
@@ -90,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--label-from",
-        metavar="folder|LABELS.csv",
+        metavar="folder|parent|LABELS.csv",
         help="label the images for `recognize`: by their first sub-folder of DIR ('folder'; "
-        "images directly in DIR stay unlabelled), or from a CSV with header 'path,label' "
+        "images directly in DIR stay unlabelled), by their parent folder's name ('parent', "
+        "as `lookalike train` labels), or from a CSV with header 'path,label' "
         "(paths relative to DIR); already indexed images are relabelled in place",
     )
     add_descriptor_options(p)
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     add_check_parsers(sub, common)
+    add_train_parser(sub, common)
     return parser
 
 

@@ -103,9 +103,19 @@ def cmd_presets(args: argparse.Namespace, ui: Ui) -> int:
         verify.add_column(column)
     for name, vc in tables["verify"].items():
         verify.add_row(name, *(show(vc[c]) for c in (*columns, "budget", "fusion")))
+    train = Table(title="training presets (train --preset)", title_justify="left")
+    columns = ("loss", "sizes", "freeze_epochs", "batch_size", "lr", "head_lr", "dim", "pooling")
+    for column in ("name", *columns):
+        train.add_column(column)
+    for name, tc in tables["train"].items():
+        train.add_row(name, *(show(tc[c]) for c in columns))
+    loss = Table(title="loss presets (train --loss)", title_justify="left")
+    for column in ("name", "kind", "settings", "miner"):
+        loss.add_column(column)
+    for name, lc in tables["loss"].items():
+        miner = "-" if lc["miner"] is None else f"{lc['miner']} {show(lc['miner_params'])}"
+        loss.add_row(name, lc["kind"], show(lc["params"]), miner)
     console = stdout_console()
-    console.print(extract)
-    console.print(index)
-    console.print(rerank)
-    console.print(verify)
+    for table in (extract, index, rerank, verify, train, loss):
+        console.print(table)
     return 0

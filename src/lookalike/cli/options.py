@@ -65,7 +65,11 @@ def add_descriptor_options(p: argparse.ArgumentParser) -> None:
     """The options of commands that describe images into an index (``index``, ``eval``)."""
     g = p.add_argument_group("descriptor (default: the index's own settings, else 'default')")
     g.add_argument("--preset", help="extract preset (see `lookalike presets`)")
-    g.add_argument("--model", help="backbone: a registered name or any timm name")
+    g.add_argument(
+        "--model",
+        help="backbone: a registered name or any timm name; or a model directory written by "
+        "`lookalike train` (its own head, size and no whitening)",
+    )
     g.add_argument("--weights", help="local checkpoint file for --model")
     g.add_argument("--image-size", type=int_at_least(1), help="long side of the images, pixels")
     g.add_argument("--pooling", help="gap, spoc, mac, gem or rmac")

@@ -104,6 +104,10 @@ class Bars:
                 unit = task.fields.get("unit", "it")
                 return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
 
+        class StatusColumn(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                return Text(task.fields.get("status", ""))
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -111,6 +115,7 @@ class Bars:
             RateColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            StatusColumn(),
             console=console,
             disable=not enabled,
             redirect_stdout=False,
@@ -135,5 +140,23 @@ class Bars:
                 task = self._progress.add_task(description, total=total, unit=unit)
                 self._tasks[description] = task
             self._progress.update(task, completed=done, total=total)
+
+        return update
+
+    def training(self) -> Callable[[Any], None]:
+        """A callback for :class:`lookalike.train.Progress`: a bar per epoch with the loss,
+        the learning rate, images/s and the time left."""
+
+        def update(p: Any) -> None:
+            frozen = ", backbone frozen" if p.frozen else ""
+            description = f"epoch {p.epoch + 1}/{p.epochs} ({p.size} px{frozen})"
+            task = self._tasks.get(description)
+            if task is None:
+                if not self._tasks:
+                    self._progress.start()
+                task = self._progress.add_task(description, total=p.steps, unit="step")
+                self._tasks[description] = task
+            status = f"loss {p.loss:.3f}  lr {p.lr:.1e}  {p.images_per_s:.1f} img/s"
+            self._progress.update(task, completed=p.step, total=p.steps, status=status)
 
         return update

@@ -12,7 +12,12 @@ from lookalike.evaluate.datasets import (
     load_labelled_folder,
     load_oxford,
 )
-from lookalike.evaluate.labelled import LabelledReport, labelled_metrics
+from lookalike.evaluate.labelled import (
+    GalleryReport,
+    LabelledReport,
+    gallery_metrics,
+    labelled_metrics,
+)
 from lookalike.evaluate.metrics import (
     average_precision,
     average_precision_at_k,
@@ -30,6 +35,7 @@ from lookalike.evaluate.run import evaluate, evaluate_dataset
 
 __all__ = [
     "DATASETS",
+    "GalleryReport",
     "LabelledReport",
     "Query",
     "RetrievalDataset",
@@ -39,6 +45,7 @@ __all__ = [
     "evaluate",
     "evaluate_dataset",
     "evaluate_rankings",
+    "gallery_metrics",
     "global_average_precision",
     "hit_ranks",
     "labelled_metrics",

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,3 +170,102 @@ def _nmi(x: np.ndarray, codes: np.ndarray, clusters: int, seed: int) -> float:
 
 
 __all__ = ["ClassResult", "LabelledReport", "labelled_metrics"]
+
+
+@dataclass
+class GalleryReport:
+    """Query images searched against a labelled index (:func:`gallery_metrics`)."""
+
+    queries: int  # queries scored (of a label the index holds)
+    p_at_1: float  # the first result has the query's label
+    map: float  # AP over the whole ranking, positives = the index's images of that label
+    map_at_r: float
+    recall_at: dict[int, float]  # a positive among the first K
+    accuracy: float  # recognition: the soft vote of the first ``vote_k`` gives the label
+    unknown: int  # queries whose label the index does not hold (left out)
+    failed: list[dict] = field(default_factory=list)  # {"query", "error"}: unreadable images
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "queries": self.queries,
+            "p_at_1": self.p_at_1,
+            "map": self.map,
+            "map_at_r": self.map_at_r,
+            "recall_at": {str(k): v for k, v in self.recall_at.items()},
+            "accuracy": self.accuracy,
+            "unknown": self.unknown,
+            "failed": self.failed,
+        }
+
+
+def gallery_metrics(
+    searcher: Any,
+    queries: Sequence[Any],
+    labels: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    vote_k: int = 10,
+    batch: int = 16,
+    progress: Any = None,
+) -> GalleryReport:
+    """Retrieval and recognition of labelled query images against a labelled index.
+
+    Each query ranks the whole index (one row of ``N`` at a time, never a matrix of all
+    queries), so mAP counts every positive; a query whose image cannot be read is reported
+    in ``failed`` and left out. A query that is a file of the index does not find itself:
+    its own file is dropped from its results (held-out images of an indexed folder).
+
+    Args:
+        searcher: a :class:`~lookalike.search.Searcher` on an index whose images have labels.
+        queries: what :meth:`Searcher.search` takes (image paths...).
+        labels: the queries' true labels.
+        ks: the K of Recall@K.
+        vote_k: neighbours that vote for recognition (the Recognizer's default).
+        batch: queries searched at a time.
+        progress: called with (queries done, queries).
+    """
+    from lookalike.labels import label_of
+    from lookalike.recognize import predict
+
+    if len(queries) != len(labels) or not queries:
+        raise ConfigError(f"need queries and as many labels, got {len(queries)}, {len(labels)}")
+    p1 = ap = ap_r = 0.0
+    recall = dict.fromkeys(ks, 0.0)
+    correct = scored = unknown = 0
+    failed = []
+    for begin in range(0, len(queries), batch):
+        chunk = list(queries[begin : begin + batch])
+        answers = searcher.answer(chunk, k=0, errors="report")
+        for query, answer, truth in zip(chunk, answers, labels[begin : begin + batch], strict=True):
+            if answer.error is not None:
+                failed.append({"query": answer.query, "error": str(answer.error)})
+                continue
+            own = str(Path(query).expanduser().resolve()) if isinstance(query, str | Path) else None
+            hits_of = [h for h in answer.hits if h.path != own]
+            found = [label_of(h.metadata) for h in hits_of]
+            rel = np.array([f == truth for f in found], bool)
+            positives = int(rel.sum())
+            if positives == 0:
+                unknown += 1
+                continue
+            hits = np.flatnonzero(rel)
+            scored += 1
+            p1 += float(rel[0])
+            ap += _ap_at_k_from_hits(hits, positives, len(rel))
+            ap_r += _ap_at_k_from_hits(hits, positives, positives)
+            for kk in ks:
+                recall[kk] += float(hits[0] < kk)
+            correct += predict(hits_of[:vote_k]).label == truth
+        if progress is not None:
+            progress(min(len(queries), begin + batch), len(queries))
+    n = max(1, scored)
+    return GalleryReport(
+        queries=scored,
+        p_at_1=p1 / n,
+        map=ap / n,
+        map_at_r=ap_r / n,
+        recall_at={kk: v / n for kk, v in recall.items()},
+        accuracy=correct / n,
+        unknown=unknown,
+        failed=failed,
+    )

@@ -362,9 +362,16 @@ class MetaDB(Database):
         return found
 
     def upsert_image(
-        self, image_id: int | None, image: NewImage, slot: int | None, seq: int, stamp: str
+        self,
+        image_id: int | None,
+        image: NewImage,
+        slot: int | None,
+        seq: int,
+        stamp: str,
+        new_id: int | None = None,
     ) -> int:
-        """Insert ``image`` (``image_id`` None) or replace the fields of row ``image_id``."""
+        """Insert ``image`` (``image_id`` None; as id ``new_id`` when given, else the next
+        free one) or replace the fields of row ``image_id``."""
         status = "ok" if image.error is None else "error"
         try:
             metadata = _json(image.metadata or {})
@@ -389,9 +396,9 @@ class MetaDB(Database):
             path, raw = stored_name(image.path)
             cur = self.conn.execute(
                 "INSERT INTO images(content_hash, size, mtime, width, height, metadata, status, "
-                "error, slot, seq, updated, path, raw_path, added) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*fields, path, raw, stamp),
+                "error, slot, seq, updated, path, raw_path, added, id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*fields, path, raw, stamp, new_id),
             )
             return int(cur.lastrowid)
         self.conn.execute(

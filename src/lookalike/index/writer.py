@@ -73,7 +73,9 @@ class WriterMixin:
 
     # -- the image set ---------------------------------------------------------------------
 
-    def add(self, images: Sequence[NewImage], vectors: np.ndarray) -> list[int]:
+    def add(
+        self, images: Sequence[NewImage], vectors: np.ndarray, ids: Sequence[int] | None = None
+    ) -> list[int]:
         """Add or update a batch of images in one atomic transaction.
 
         Args:
@@ -82,6 +84,9 @@ class WriterMixin:
                 are stored with status ``'error'`` and lose any previous vector.
             vectors: ``(n_ok, D)`` float32 raw descriptors of the images whose ``error`` is
                 None, in order (may be empty when there are none).
+            ids: the id each image takes (a copy of another index keeps its ids); None:
+                new images get the next free ids. Only for paths not stored yet, and ids
+                no image has.
 
         Returns:
             The image ids, in input order.
@@ -106,9 +111,18 @@ class WriterMixin:
         if len(set(paths)) != len(paths):
             dup = next(p for p in paths if paths.count(p) > 1)
             raise ValueError(f"path {dup!r} appears twice in one add() batch; pass it once")
+        if ids is not None and len(ids) != len(images):
+            raise ValueError(f"add() got {len(ids)} ids for {len(images)} images")
         state = None
         with self._mutex, self._db.write():
             existing = self._db.lookup_paths(paths)
+            if ids is not None:
+                taken = set(self._db.get([int(i) for i in ids]))
+                if existing or taken:
+                    raise ValueError(
+                        "add(ids=...) takes only new paths and free ids; "
+                        f"{len(existing)} paths are stored, ids {sorted(taken)[:5]} are taken"
+                    )
             n_rows = self._db.kv_int("n_rows")
             if n_ok:  # durable before the commit that references the rows
                 vector_file = self._loader.vector_file()[0]
@@ -123,22 +137,23 @@ class WriterMixin:
                 image_id, slot = existing.get(path, (None, None))
                 if image_id is not None and slot is not None:
                     self._db.log_op("remove", image_id, slot)
-            ids, slot = [], n_rows
-            for image in images:
+            given, out, slot = ids, [], n_rows
+            for i, image in enumerate(images):
                 image_id = existing.get(image.path, (None, None))[0]
+                new_id = None if given is None else int(given[i])
                 if image.error is None:
-                    image_id = self._db.upsert_image(image_id, image, slot, 0, stamp)
+                    image_id = self._db.upsert_image(image_id, image, slot, 0, stamp, new_id)
                     self._db.set_row_seq(image_id, self._db.log_op("add", image_id, slot))
                     slot += 1
                 else:
                     seq = self._db.last_seq()
-                    image_id = self._db.upsert_image(image_id, image, None, seq, stamp)
-                ids.append(image_id)
+                    image_id = self._db.upsert_image(image_id, image, None, seq, stamp, new_id)
+                out.append(image_id)
             self._db.kv_set("n_rows", slot)
         if n_ok:
             self._block_state = state
         self._stale = True
-        return ids
+        return out
 
     def remove(self, ids: Sequence[int]) -> int:
         """Delete images by id (unknown ids are ignored); returns how many were deleted."""

@@ -335,9 +335,11 @@ def _describe(
     progress: Progress | None,
     chunk: int,
     report: IndexReport,
+    ids: dict[str, int] | None = None,
 ) -> None:
     """Describe and commit ``todo`` chunk by chunk (the first ``retried`` files in chunks of
-    their own), each chunk's region samples committed before the chunk (``learner``)."""
+    their own), each chunk's region samples committed before the chunk (``learner``);
+    ``ids``: the id each new file takes (by path), as a copy of another index needs."""
     if todo and extractor is None:
         extractor = Extractor(conf)
         store.check_weights(extractor.backbone.weights_id)
@@ -374,7 +376,7 @@ def _describe(
                 report.added += 1
         if learner is not None and desc.regions is not None:
             learner.add(decoded, desc.regions)  # committed first: no image without samples
-        store.add(images, desc.global_)
+        store.add(images, desc.global_, None if ids is None else [ids[i.path] for i in images])
         done += len(decoded)
         before, committed = committed, sum(store.count().values())
         if before // CHECKPOINT_EVERY != committed // CHECKPOINT_EVERY:

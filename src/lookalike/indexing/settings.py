@@ -15,6 +15,7 @@ from lookalike.index import IndexConf, get_index_conf
 from lookalike.index.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 FROM_INDEX = "(from index)"  # the preset name reported for an index's own settings
+TRAINED = "(trained model)"  # the preset name reported for --model MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ def resolve_settings(
     }
     if "weights" in overrides:
         overrides["weights"] = str(Path(str(overrides["weights"])).expanduser().resolve())
-    if preset is None and not overrides and manifest is not None:
+    if model is not None and _is_model_dir(model):
+        name, conf = TRAINED, _trained_conf(model, preset, overrides)
+    elif preset is None and not overrides and manifest is not None:
         name, conf = FROM_INDEX, ExtractConf.from_descriptor(manifest.descriptor)
         conf = conf.replace(
             query_rotations=manifest.query.rotations,
@@ -85,6 +88,29 @@ def resolve_settings(
     runtime = {k: v for k, v in (("device", device), ("workers", workers)) if v is not None}
     conf = conf.replace(**runtime) if runtime else conf
     return Settings(name, conf, _index_conf(manifest, factory, index_preset, backend))
+
+
+def _is_model_dir(model: str) -> bool:
+    from lookalike.train.model_dir import is_model_dir
+
+    return is_model_dir(model)
+
+
+def _trained_conf(model: str, preset: str | None, overrides: dict) -> ExtractConf:
+    """The descriptor of a trained model directory; only the image size may be changed."""
+    from lookalike.errors import ConfigError
+    from lookalike.train.model_dir import extract_conf
+
+    refused = sorted(set(overrides) - {"model", "image_size"})
+    if refused or preset is not None:
+        given = ", ".join(
+            [*(f"--{k.replace('_', '-')}" for k in refused), *(["--preset"] * bool(preset))]
+        )
+        raise ConfigError(
+            f"--model {model} is a trained model, which fixes its own descriptor: drop {given}"
+        )
+    size = overrides.get("image_size")
+    return extract_conf(model, **({} if size is None else {"image_size": size}))
 
 
 def _index_conf(
@@ -103,4 +129,4 @@ def _index_conf(
     return conf
 
 
-__all__ = ["FROM_INDEX", "Settings", "existing_manifest", "resolve_settings"]
+__all__ = ["FROM_INDEX", "TRAINED", "Settings", "existing_manifest", "resolve_settings"]

@@ -1,0 +1,318 @@
+"""Training benchmark: fine-tuning on the Grocery Store train split, measured on val.
+
+    .venv/bin/python benchmarks/train.py --data ../shared/data [--out bench_out/train] \
+        [--stages same,iconic,disjoint,transfer] [--losses arcface,...]
+
+Stages (each writes ``OUT/<stage>.json`` and is skipped when that file exists, so a long
+run can be done in parts; ``--again`` recomputes):
+
+* ``same``: same-class retrieval. The 2,640 train photos are indexed, labelled by fine
+  class (their parent folder), with the off-the-shelf ``default`` preset (the baseline)
+  and, through :func:`lookalike.indexing.reembed.reembed_index` (what ``lookalike train
+  --index`` runs), with the model fine-tuned by the ``default`` training preset (trained
+  into ``OUT/grocery-default`` unless it is there; validation for the best epoch: 10 % of
+  train held out, never val). Each of the 296 val photos queries both: P@1 (the first
+  result is of the same fine class), mAP over the whole ranking, mAP@R, and recognition
+  accuracy (soft vote of the top 10). Plus the training time and images/s per epoch.
+* ``iconic``: the 81 iconic product images (one per class) are the only gallery; the val
+  photos are recognised against it (P@1 = accuracy of the nearest image), before / after.
+* ``disjoint``: the metric-learning protocol. The 41 classes of even class id train
+  (their train photos), the 40 of odd id are never seen; every photo (train + val) of
+  those 40 queries the others: Recall@1 and mAP@R (labelled_metrics), for the
+  off-the-shelf default preset and for each loss preset trained with ``--disjoint-sizes``,
+  with the seconds per epoch.
+* ``transfer``: Holidays and Oxford5k mAP with the off-the-shelf default preset and with
+  the Grocery model: a model tuned on one domain is not a general upgrade.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+STAGES = ("same", "iconic", "disjoint", "transfer")
+DISJOINT_LOSSES = (
+    "arcface", "subcenter-dynamic", "curricularface", "triplet", "multisimilarity", "contrastive",
+)  # fmt: skip
+
+
+def parent_labels(paths):
+    from lookalike.labels import LABEL_KEY
+
+    return {str(Path(p).resolve()): {LABEL_KEY: Path(p).parent.name} for p in paths}
+
+
+def build_index(paths, index_dir: Path, conf, labels: dict) -> float:
+    from lookalike.indexing import index_files
+
+    started = time.perf_counter()
+    index_files(paths, index_dir, conf, metadata=lambda p: labels.get(str(p), {}))
+    return time.perf_counter() - started
+
+
+def score(index_dir: Path, queries, truth) -> dict:
+    from lookalike.evaluate.labelled import gallery_metrics
+    from lookalike.search import Searcher
+
+    with Searcher.open(index_dir) as searcher:
+        report = gallery_metrics(searcher, [str(q) for q in queries], truth)
+    return {k: v for k, v in report.to_dict().items() if k != "failed"}
+
+
+def trained(out: Path, name: str, data, conf, val=None) -> tuple[Path, float]:
+    """Train into ``out/name`` unless a complete model is there; returns (dir, seconds)."""
+    from lookalike.train.loop import train
+    from lookalike.train.model_dir import read_info
+
+    model_dir = out / name
+    if (model_dir / "model.json").exists():
+        info = read_info(model_dir)
+        if info.get("complete") and info["settings"] == conf.to_dict():
+            return model_dir, sum(e["seconds"] for e in info["epochs"])
+        shutil.rmtree(model_dir)
+    started = time.perf_counter()
+    train(data, conf, model_dir, val=val)
+    return model_dir, time.perf_counter() - started
+
+
+def grocery(data: Path):
+    from lookalike.train.data import labelled_images
+
+    root = data / "grocery"
+    return labelled_images(root / "train"), labelled_images(root / "val")
+
+
+def stage_same(args, out: Path) -> dict:
+    from lookalike.extract import get_preset
+    from lookalike.indexing.reembed import reembed_index
+    from lookalike.train.conf import train_preset
+    from lookalike.train.model_dir import extract_conf, read_info
+
+    train_set, val_set = grocery(args.data)
+    labels = parent_labels(train_set.paths)
+    base = out / "same-base.idx"
+    base_seconds = build_index(list(train_set.paths), base, get_preset("default"), labels)
+    conf = train_preset("default").replace(device=args.device)
+    model_dir, train_seconds = trained(out, "grocery-default", train_set, conf)
+    new = out / "same-trained.idx"
+    started = time.perf_counter()
+    reembed_index(base, new, extract_conf(model_dir))
+    reembed_seconds = time.perf_counter() - started
+    queries = list(val_set.paths)
+    truth = [val_set.classes[t] for t in val_set.targets]
+    info = read_info(model_dir)
+    return {
+        "baseline": {**score(base, queries, truth), "index_seconds": round(base_seconds, 1)},
+        "trained": {**score(new, queries, truth), "reembed_seconds": round(reembed_seconds, 1)},
+        "training": {
+            "seconds": round(train_seconds, 1),
+            "settings": info["settings"],
+            "epochs": info["epochs"],
+            "best_epoch": info["best_epoch"],
+            "learned_p": info["pooling"]["p"],
+        },
+    }
+
+
+def stage_iconic(args, out: Path) -> dict:
+    from lookalike.extract import get_preset
+    from lookalike.labels import LABEL_KEY
+    from lookalike.train.model_dir import extract_conf
+
+    root = args.data / "grocery"
+    gallery, labels = [], {}
+    with open(root / "classes.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            path = (root / row["Iconic Image Path (str)"].lstrip("/")).resolve()
+            gallery.append(path)
+            labels[str(path)] = {LABEL_KEY: row["Class Name (str)"]}
+    _, val_set = grocery(args.data)
+    queries = list(val_set.paths)
+    truth = [val_set.classes[t] for t in val_set.targets]
+    model_dir = out / "grocery-default"
+    result = {}
+    for name, conf in (("baseline", get_preset("default")), ("trained", extract_conf(model_dir))):
+        index = out / f"iconic-{name}.idx"
+        build_index(gallery, index, conf, labels)
+        result[name] = score(index, queries, truth)
+    return result
+
+
+def stage_disjoint(args, out: Path) -> dict:
+    from lookalike.evaluate.labelled import labelled_metrics
+    from lookalike.extract import get_preset
+    from lookalike.index import IndexStore
+    from lookalike.labels import label_of
+    from lookalike.train.conf import parse_sizes, train_preset
+    from lookalike.train.data import LabelledImages
+    from lookalike.train.model_dir import extract_conf
+
+    train_set, val_set = grocery(args.data)
+    ids = {name: i for i, name in enumerate(_class_ids(args.data))}
+    seen = {c for c in train_set.classes if ids[c] % 2 == 0}
+    rows = [i for i, t in enumerate(train_set.targets) if train_set.classes[t] in seen]
+    part = train_set.subset(rows)
+    names = tuple(sorted(seen))
+    index = {c: i for i, c in enumerate(names)}
+    part = LabelledImages(part.paths, tuple(index[part.classes[t]] for t in part.targets), names)
+    test = [p for s in (train_set, val_set) for p, t in zip(s.paths, s.targets, strict=True)
+            if s.classes[t] not in seen]  # fmt: skip
+    labels = parent_labels(test)
+
+    def measure(conf, tag: str) -> dict:
+        idx = out / f"disjoint-{tag}.idx"
+        build_index(test, idx, conf, labels)
+        with IndexStore.open(idx) as store:
+            records = [r for r in store.records() if r.status == "ok"]
+            x = store.vector_source().vectors([r.id for r in records])
+            y = [label_of(r.metadata) for r in records]
+        report = labelled_metrics(x, y, (1, 5), nmi=True, worst=3)
+        return {
+            "recall_at_1": report.recall_at[1],
+            "map_at_r": report.map_at_r,
+            "nmi": report.nmi,
+            "queries": report.queries,
+            "worst": [vars(c) for c in report.worst],
+        }
+
+    result = {
+        "train_classes": len(names),
+        "train_images": len(part),
+        "test_classes": len({Path(p).parent.name for p in test}),
+        "test_images": len(test),
+        "baseline": measure(get_preset("default"), "baseline"),
+        "losses": {},
+    }
+    sizes = parse_sizes(args.disjoint_sizes)
+    for loss in args.losses.split(","):
+        conf = train_preset("default").replace(
+            loss=loss, sizes=sizes, freeze_epochs=1, device=args.device
+        )
+        model_dir, seconds = trained(out, f"disjoint-{loss}", part, conf)
+        result["losses"][loss] = {
+            **measure(extract_conf(model_dir), loss),
+            "train_seconds": round(seconds, 1),
+            "seconds_per_epoch": round(seconds / conf.epochs, 1),
+        }
+        _save(out / "disjoint.partial.json", result)
+    return result
+
+
+def _class_ids(data: Path) -> list[str]:
+    with open(data / "grocery" / "classes.csv", newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["Class ID (int)"]))
+    return [r["Class Name (str)"] for r in rows]
+
+
+def stage_transfer(args, out: Path) -> dict:
+    from lookalike.evaluate import evaluate_dataset, load_dataset
+    from lookalike.extract import get_preset
+    from lookalike.train.model_dir import extract_conf
+
+    model_dir = out / "grocery-default"
+    result = {}
+    for kind, folder in (("holidays", "holidays"), ("oxford5k", "oxford5k")):
+        dataset = load_dataset(kind, args.data / folder)
+        for name, conf in (
+            ("baseline", get_preset("default")),
+            ("trained", extract_conf(model_dir)),
+        ):
+            r = evaluate_dataset(dataset, out / f"transfer-{kind}-{name}.idx", conf)
+            result.setdefault(kind, {})[name] = {
+                "mAP": r["metrics"]["mAP"],
+                "images": r["images"],
+                "images_per_second": r["images_per_second"],
+            }
+    return result
+
+
+def _save(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def print_report(report: dict) -> None:
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    if "same" in report:
+        s = report["same"]
+        print("same-class retrieval, val photos against the indexed train photos")
+        print(f"  {'':<22}{'P@1':>7}{'mAP':>7}{'mAP@R':>7}{'recog':>7}")
+        for name in ("baseline", "trained"):
+            r = s[name]
+            print(
+                f"  {name:<22}{pct(r['p_at_1']):>7}{pct(r['map']):>7}"
+                f"{pct(r['map_at_r']):>7}{pct(r['accuracy']):>7}"
+            )
+        t = s["training"]
+        rates = [e["images_per_s"] for e in t["epochs"] if not e["frozen"]]
+        print(
+            f"  training {t['seconds'] / 60:.1f} min, best epoch {t['best_epoch']}, learned "
+            f"p {t['learned_p']}, unfrozen {min(rates):.1f}-{max(rates):.1f} img/s"
+        )
+    if "iconic" in report:
+        r = report["iconic"]
+        print("iconic gallery (81 product shots), val photos recognised")
+        for name in ("baseline", "trained"):
+            print(f"  {name:<22}accuracy {pct(r[name]['accuracy'])}  P@1 {pct(r[name]['p_at_1'])}")
+    if "disjoint" in report:
+        d = report["disjoint"]
+        print(
+            f"class-disjoint: train {d['train_classes']} classes ({d['train_images']} photos), "
+            f"test {d['test_classes']} unseen classes ({d['test_images']} photos)"
+        )
+        print(f"  {'':<22}{'R@1':>7}{'mAP@R':>7}{'NMI':>7}{'s/epoch':>9}")
+        rows = [("off-the-shelf", d["baseline"]), *list(d["losses"].items())]
+        for name, r in rows:
+            spe = f"{r['seconds_per_epoch']:.0f}" if "seconds_per_epoch" in r else "-"
+            print(
+                f"  {name:<22}{pct(r['recall_at_1']):>7}{pct(r['map_at_r']):>7}"
+                f"{pct(r['nmi']):>7}{spe:>9}"
+            )
+    if "transfer" in report:
+        print("other domains, mAP (off-the-shelf -> Grocery model)")
+        for kind, r in report["transfer"].items():
+            print(f"  {kind:<22}{r['baseline']['mAP']:.1f} -> {r['trained']['mAP']:.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=Path("bench_out/train"))
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--losses", default=",".join(DISJOINT_LOSSES))
+    parser.add_argument("--disjoint-sizes", default="224:3")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--again", action="store_true", help="recompute stages already saved")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("lookalike.images").setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for stage in args.stages.split(","):
+        path = args.out / f"{stage}.json"
+        if path.exists() and not args.again:
+            report[stage] = json.loads(path.read_text())
+            continue
+        started = time.perf_counter()
+        report[stage] = globals()[f"stage_{stage}"](args, args.out)
+        report[stage]["stage_seconds"] = round(time.perf_counter() - started, 1)
+        report[stage]["measured"] = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "load": os.getloadavg()[0],
+        }
+        _save(path, report[stage])
+    print_report(report)
+
+
+if __name__ == "__main__":
+    main()
