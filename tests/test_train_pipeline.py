@@ -179,3 +179,23 @@ def test_gallery_metrics_drop_the_query_s_own_file(tmp_path: Path) -> None:
     report = gallery_metrics(FakeSearcher(rankings), [own], ["a"])
     assert report.p_at_1 == 1.0 and report.map == 1.0
     assert np.isclose(report.accuracy, 1.0)
+
+
+def test_eval_measures_a_labelled_folder(tmp_path: Path, capsys) -> None:
+    data = write_labelled(tmp_path / "data")
+    out = tmp_path / "eval.json"
+    code = main(["-q", "eval", "--dataset", "labelled", "--root", str(data), "--preset", "fast",
+                 "--index", str(tmp_path / "idx"), "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == CLASSES * PER_CLASS and result["classes"] == CLASSES
+    assert set(result["metrics"]) == {"R@1", "R@5", "R@10", "R-precision", "mAP@R", "NMI"}
+    assert all(0 <= v <= 100 for v in result["metrics"].values())
+    # crops of one photo per class: off-the-shelf descriptors already separate them
+    assert result["metrics"]["R@1"] > 80
+    assert len(result["worst"]) == CLASSES and "worst classes" in printed
+    with IndexStore.open(tmp_path / "idx") as store:  # labelled by parent folder
+        assert {r.metadata["label"] for r in store.records()} == {
+            f"class{c}" for c in range(CLASSES)
+        }

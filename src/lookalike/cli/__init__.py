@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, required=True, help="dataset folder")
     p.add_argument("--index", type=Path, help="index directory to build or reuse (default: temp)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="write the results here")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        metavar="CSV",
+        help="--dataset labelled: path,label CSV (default: an image's parent folder name)",
+    )
     add_descriptor_options(p)
     p.set_defaults(func=cmd_eval)
 

@@ -1,7 +1,9 @@
 """``lookalike eval`` and ``presets``: measure retrieval on a benchmark, list the presets.
 
 ``eval`` builds (or reuses) an index of a dataset with the same descriptor options as
-``index`` and prints the metrics of :func:`lookalike.evaluate.evaluate_dataset`; ``presets``
+``index`` and prints the metrics of :func:`lookalike.evaluate.evaluate_dataset` (for
+``--dataset labelled``: :func:`~lookalike.evaluate.run.evaluate_labelled`, with the worst
+classes); ``presets``
 shows the named settings those options choose from.
 """
 
@@ -13,7 +15,7 @@ import json
 from lookalike.cli.options import settings_options
 from lookalike.cli.ui import Ui, stdout_console
 
-DATASET_KINDS = ("oxford5k", "holidays", "paris6k", "folder")  # keys of evaluate.DATASETS
+DATASET_KINDS = ("oxford5k", "holidays", "paris6k", "folder", "labelled")  # evaluate()'s kinds
 TIMINGS = ("images", "failed", "queries", "index_seconds", "images_per_second", "query_ms")
 
 
@@ -32,6 +34,7 @@ def cmd_eval(args: argparse.Namespace, ui: Ui) -> int:
             args.preset,
             progress=lambda stage, done, total: callbacks[stage](done, total),
             chunk=args.chunk,
+            labels=args.labels,
             **settings_options(args),
         )
     from rich.table import Table
@@ -44,8 +47,19 @@ def cmd_eval(args: argparse.Namespace, ui: Ui) -> int:
         table.add_row(key, "n/a" if value is None else str(value))
     table.add_section()
     for key in TIMINGS:
-        table.add_row(key, str(result[key]))
+        if key in result:
+            table.add_row(key, str(result[key]))
     stdout_console().print(table)
+    if result.get("worst"):
+        worst = Table(title="worst classes (lowest R@1)", title_justify="left")
+        for column in ("class", "images", "R@1", "confused with"):
+            worst.add_column(column)
+        for c in result["worst"]:
+            worst.add_row(
+                str(c['label']), str(c['images']), f"{100 * c['recall_at_1']:.1f}",
+                "-" if c["confused_with"] is None else str(c["confused_with"]),
+            )  # fmt: skip
+        stdout_console().print(worst)
     if args.json is not None:
         args.json.expanduser().parent.mkdir(parents=True, exist_ok=True)
         args.json.expanduser().write_text(json.dumps(result, indent=2) + "\n")

@@ -31,6 +31,7 @@ from lookalike.search import Searcher
 logger = logging.getLogger(__name__)
 
 StageProgress = Callable[[str, int, int], None]  # (stage "index" | "search", done, total)
+LABELLED = "labelled"  # evaluate()'s kind for a labelled folder (evaluate_labelled)
 
 
 def evaluate_dataset(
@@ -141,6 +142,75 @@ def evaluate_dataset(
     }
 
 
+def evaluate_labelled(
+    root: str | Path,
+    index_dir: Path,
+    conf: ExtractConf,
+    index_conf: IndexConf | None = None,
+    *,
+    labels: str | Path | None = None,
+    progress: StageProgress | None = None,
+    chunk: int = 32,
+    worst: int = 10,
+) -> dict:
+    """Index a labelled folder and measure it as a metric-learning collection: every image
+    queries the others (:func:`~lookalike.evaluate.labelled.labelled_metrics`: Recall@K,
+    R-precision, mAP@R, NMI, the worst classes), from the index-space vectors (top-k from
+    faiss, never an N x N matrix).
+
+    Labels as :func:`lookalike.train.data.labelled_images` reads them: the parent folder's
+    name, or ``labels`` (a ``path,label`` CSV).
+
+    Returns:
+        ``{"dataset", "descriptor", "images", "classes", "failed", "metrics", "worst",
+        "index_seconds", "images_per_second"}``, metrics in percent (NMI too).
+    """
+    from lookalike.evaluate.labelled import labelled_metrics
+    from lookalike.index import IndexStore
+    from lookalike.labels import LABEL_KEY
+    from lookalike.train.data import labelled_images
+
+    data = labelled_images(root, labels)
+    label_of = {
+        str(p.resolve()): data.classes[t] for p, t in zip(data.paths, data.targets, strict=True)
+    }
+
+    def index_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress("index", done, total)
+
+    report = index_files(
+        list(data.paths),
+        index_dir,
+        conf,
+        index_conf,
+        metadata=lambda p: {LABEL_KEY: label_of[str(p)]} if str(p) in label_of else {},
+        progress=index_progress,
+        chunk=chunk,
+    )
+    with IndexStore.open(index_dir) as store:
+        rows = [r for r in store.records(status="ok") if r.path in label_of]
+        x = store.vector_source().vectors([r.id for r in rows])
+    result = labelled_metrics(x, [label_of[r.path] for r in rows], (1, 5, 10), worst=worst)
+    pct = lambda v: None if v is None else round(100.0 * v, 2)  # noqa: E731
+    return {
+        "dataset": Path(root).resolve().name,
+        "descriptor": conf.descriptor(),
+        "images": len(rows),
+        "classes": len(set(label_of.values())),
+        "failed": len(report.failed),
+        "metrics": {
+            **{f"R@{k}": pct(v) for k, v in result.recall_at.items()},
+            "R-precision": pct(result.r_precision),
+            "mAP@R": pct(result.map_at_r),
+            "NMI": pct(result.nmi),
+        },
+        "worst": [vars(c) for c in result.worst],
+        "index_seconds": round(report.seconds, 3),
+        "images_per_second": round(report.images_per_second, 2),
+    }
+
+
 def _finite_or_none(value: float) -> float | None:
     """``nan`` (no query with positives) as None, so the result is valid JSON."""
     return None if isinstance(value, float) and math.isnan(value) else value
@@ -163,20 +233,24 @@ def evaluate(
     backend: str | None = None,
     device: str | None = None,
     workers: int | None = None,
+    labels: str | Path | None = None,
 ) -> dict:
     """``lookalike eval`` in one call: load the benchmark, resolve the settings (the index's
     own, or ``preset`` and the options, as :func:`lookalike.indexing.resolve_settings` does),
     index into ``index_dir`` (a temporary directory when None) and score.
 
+    ``kind`` is a key of :data:`~lookalike.evaluate.DATASETS`, or ``"labelled"``: a
+    labelled folder measured by :func:`evaluate_labelled` (``labels``: its CSV, if any).
+
     Returns:
-        :func:`evaluate_dataset`'s result with ``"preset"`` after ``"dataset"``.
+        :func:`evaluate_dataset`'s (or :func:`evaluate_labelled`'s) result with
+        ``"preset"`` after ``"dataset"``.
     """
     import tempfile
 
     from lookalike.evaluate.datasets import load_dataset
     from lookalike.indexing.settings import resolve_settings
 
-    dataset = load_dataset(kind, root)
     settings = resolve_settings(
         index_dir,
         preset,
@@ -192,7 +266,14 @@ def evaluate(
     )
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
         target = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
-        result = evaluate_dataset(
-            dataset, target, settings.extract, settings.index, progress=progress, chunk=chunk
-        )
+        if kind == LABELLED:
+            result = evaluate_labelled(
+                root, target, settings.extract, settings.index, labels=labels,
+                progress=progress, chunk=chunk,
+            )  # fmt: skip
+        else:
+            result = evaluate_dataset(
+                load_dataset(kind, root), target, settings.extract, settings.index,
+                progress=progress, chunk=chunk,
+            )  # fmt: skip
     return {"dataset": result.pop("dataset"), "preset": settings.preset, **result}

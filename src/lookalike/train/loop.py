@@ -557,7 +557,8 @@ class _Run:
 
     def validate(self) -> dict | None:
         """Retrieval among the validation images (each against the others): Recall@1 and
-        mAP@R; None without validation images of a class with two or more."""
+        @5, mAP@R, R-precision, NMI and the worst classes; None without validation images
+        of a class with two or more."""
         from lookalike.evaluate.labelled import labelled_metrics
 
         data = self.val_data
@@ -566,11 +567,15 @@ class _Run:
         if max(np.bincount(data.targets)) < 2:
             return None
         x = self.embed(data.images)
-        report = labelled_metrics(x, [self.classes[t] for t in data.targets], (1, 5), nmi=False)
+        labels = [self.classes[t] for t in data.targets]
+        report = labelled_metrics(x, labels, (1, 5), worst=5, seed=self.conf.seed)
         return {
             "recall_at_1": round(report.recall_at[1], 4),
             "recall_at_5": round(report.recall_at[5], 4),
             "map_at_r": round(report.map_at_r, 4),
+            "r_precision": round(report.r_precision, 4),
+            "nmi": None if report.nmi is None else round(report.nmi, 4),
+            "worst": [vars(c) for c in report.worst],
         }
 
 
