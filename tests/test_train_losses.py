@@ -161,3 +161,22 @@ def test_pk_batches_hold_p_classes_of_k_images() -> None:
         pk_sampler(labels, k=4, batch_size=10)
     with pytest.raises(ConfigError, match="at least as many classes"):
         pk_sampler([0, 0, 1, 1], k=2, batch_size=6)
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_epoch_batches_split_across_processes(k) -> None:
+    from lookalike.train.losses import epoch_batches
+
+    labels = [c for c in range(8) for _ in range(9)]  # 72 images
+    whole = epoch_batches(labels, 8, seed=3, epoch=2, k=k)
+    assert whole == epoch_batches(labels, 8, seed=3, epoch=2, k=k)  # from the seed alone
+    assert whole != epoch_batches(labels, 8, seed=3, epoch=3, k=k)  # a new order each epoch
+    assert all(len(b) == 8 for b in whole) and len(whole) == 9
+    ranks = [epoch_batches(labels, 8, 3, 2, k, rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # equal counts: no process waits for another
+    assert ranks[0] + ranks[1] == whole[0:8:2] + whole[1:8:2]
+    if k is not None:
+        for batch in ranks[0] + ranks[1]:
+            assert set(Counter(labels[i] for i in batch).values()) == {4}
+    with pytest.raises(ConfigError, match="rank"):
+        epoch_batches(labels, 8, 3, 2, k, rank=2, world=2)

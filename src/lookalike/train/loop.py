@@ -411,17 +411,12 @@ class _Run:
     def _batches(self, epoch: int) -> list[list[int]]:
         """The epoch's batches: a shuffle (classifier losses) or P-K batches (pair losses),
         both from the seed and the epoch alone."""
-        conf, n = self.conf, len(self.train_data.images)
-        seed = conf.seed * 1_000_003 + epoch
-        if self.classifier:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        else:
-            from lookalike.train.losses import pk_sampler
+        from lookalike.train.losses import epoch_batches
 
-            sampler = pk_sampler(self.train_data.targets, conf.k_per_class, conf.batch_size, seed)
-            order = list(iter(sampler))
-        b = conf.batch_size
-        return [order[i : i + b] for i in range(0, len(order) - b + 1, b)][: self.steps_per_epoch]
+        conf = self.conf
+        k = None if self.classifier else conf.k_per_class
+        batches = epoch_batches(self.train_data.targets, conf.batch_size, conf.seed, epoch, k)
+        return batches[: self.steps_per_epoch]
 
     def _set_frozen(self, frozen: bool) -> None:
         self.model.train()

@@ -261,6 +261,37 @@ def pk_sampler(labels: Sequence[int], k: int, batch_size: int, seed: int | None 
     )
 
 
+def epoch_batches(
+    labels: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    k: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[list[int]]:
+    """The batches of one epoch, from ``(seed, epoch)`` alone: a shuffle, or P-K batches
+    (``k`` images of each of ``batch_size // k`` classes, :func:`pk_sampler`). Incomplete
+    batches are dropped (batch norm needs full ones).
+
+    With several processes (``world`` > 1, distributed data parallel) every process computes
+    the same list and keeps every ``world``-th batch from its ``rank``: the P-K structure holds
+    in each process's batches, which PML's sampler alone does not give under a
+    ``DistributedSampler``; all processes get the same number of batches.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"rank must be in [0, world), got rank {rank} of {world}")
+    mixed = seed * 1_000_003 + epoch
+    if k is None:
+        generator = torch.Generator().manual_seed(mixed)
+        order = torch.randperm(len(labels), generator=generator).tolist()
+    else:
+        order = list(iter(pk_sampler(labels, k, batch_size, mixed)))
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    per_rank = len(batches) // world
+    return batches[rank::world][:per_rank]
+
+
 __all__ = [
     "CLASSIFIER",
     "LOSS_PRESETS",
@@ -270,6 +301,7 @@ __all__ = [
     "LossConf",
     "build_loss",
     "dynamic_margins",
+    "epoch_batches",
     "loss_preset",
     "pk_sampler",
 ]
