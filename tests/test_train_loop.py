@@ -249,3 +249,22 @@ def test_a_trained_model_fixes_its_descriptor(model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="drop --preset"):
         resolve_settings(None, "fast", model=str(model_dir))
     assert resolve_settings(None, model=str(model_dir), image_size=96).extract.image_size == 96
+
+
+def test_a_validation_folder_with_classes_training_never_saw(tmp_path: Path) -> None:
+    data = write_labelled(tmp_path / "data", classes=3, per_class=8)
+    val = write_labelled(tmp_path / "val", classes=4, per_class=3)  # class3: unseen
+    out = train(data, TINY.replace(sizes=((64, 1),), freeze_epochs=0), tmp_path / "m", val=val)
+    info = read_info(out)
+    assert info["classes"] == ["class0", "class1", "class2"]  # what the head was trained on
+    assert info["data"]["train_images"] == 24 and info["data"]["val_images"] == 12
+    val_scores = info["epochs"][0]["val"]
+    assert {"recall_at_1", "map_at_r", "r_precision", "nmi", "worst"} <= set(val_scores)
+    assert val_scores["nmi"] is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_with_amp(labelled: Path, tmp_path: Path) -> None:
+    out = train(labelled, TINY.replace(device="cuda", amp=True), tmp_path / "m")
+    assert read_info(out)["complete"] and np.isfinite(read_info(out)["epochs"][-1]["loss"])
+    load_model(out)

@@ -256,7 +256,8 @@ class _Run:
         self.val_data = (
             decode_split(val_set, conf.index_size, conf.workers) if val_set is not None else None
         )
-        self.classes = train_set.classes
+        self.classes = train_set.classes  # what the head trains on
+        self.val_classes = self.classes if val_set is None else val_set.classes  # may add some
         present = sorted(set(self.train_data.targets))
         if len(present) < 2:
             raise ConfigError("fewer than two classes have readable training images")
@@ -297,7 +298,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp)
         self.fingerprint = {
             "train": fingerprint(self.train_data, self.classes),
-            "val": None if self.val_data is None else fingerprint(self.val_data, self.classes),
+            "val": None if self.val_data is None else fingerprint(self.val_data, self.val_classes),
         }
 
     @property
@@ -562,7 +563,7 @@ class _Run:
         if max(np.bincount(data.targets)) < 2:
             return None
         x = self.embed(data.images)
-        labels = [self.classes[t] for t in data.targets]
+        labels = [self.val_classes[t] for t in data.targets]
         report = labelled_metrics(x, labels, (1, 5), worst=5, seed=self.conf.seed)
         return {
             "recall_at_1": round(report.recall_at[1], 4),
