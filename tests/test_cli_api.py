@@ -148,7 +148,7 @@ def test_info(index, capsys):
 def test_presets(capsys):
     by_cli = one_json(capsys, "presets", "--json")
     same(by_cli, presets())
-    assert set(by_cli) == {"extract", "index", "rerank", "verify"}
+    assert set(by_cli) == {"extract", "index", "rerank", "verify", "train", "loss"}
 
 
 @pytest.mark.parametrize("by", ["ids", "paths"])

@@ -21,8 +21,6 @@ REGRESSION_EXIT = 1
 
 def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``train`` on the command's sub-parsers."""
-    from lookalike.train.conf import parse_sizes
-
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -63,6 +61,17 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_train)
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """``--sizes``; imported when given (``lookalike.train`` loads torch)."""
+    from lookalike.errors import ConfigError
+    from lookalike.train.conf import parse_sizes as parse
+
+    try:
+        return parse(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 OPTIONS = (

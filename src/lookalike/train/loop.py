@@ -111,17 +111,19 @@ def train(
         TrainingInterrupted: Ctrl-C (the state is saved first).
     """
     out = Path(out_dir).expanduser()
+    if resume and not (out / CHECKPOINT).is_file():
+        raise ConfigError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+    if not resume and (out / CHECKPOINT).exists():
+        raise ConfigError(
+            f"{out} already holds a training run: pass --resume to continue it, or choose "
+            "another --out"
+        )
     train_set, val_set = training_splits(data, val, labels, conf)
     device = torch.device(resolve_device(conf.device))
     run = _Run(conf, out, device, progress)
     run.prepare(train_set, val_set)
     if resume:
         run.load_checkpoint()
-    elif (out / CHECKPOINT).exists():
-        raise ConfigError(
-            f"{out} already holds a training run: pass --resume to continue it, or choose "
-            "another --out"
-        )
     return run.fit()
 
 
