@@ -19,7 +19,8 @@ from PIL import Image
 
 from lookalike.errors import ConfigError
 from lookalike.train.conf import TrainConf, parse_sizes
-from lookalike.train.loop import TrainingInterrupted, embed_images, train
+from lookalike.train.inputs import embed_images
+from lookalike.train.loop import TrainingInterrupted, train
 from lookalike.train.model_dir import WEIGHTS, extract_conf, load_model, read_info
 
 CLASSES = 4
