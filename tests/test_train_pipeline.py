@@ -199,3 +199,20 @@ def test_eval_measures_a_labelled_folder(tmp_path: Path, capsys) -> None:
         assert {r.metadata["label"] for r in store.records()} == {
             f"class{c}" for c in range(CLASSES)
         }
+
+
+def test_an_index_labelled_otherwise_is_refused_before_training(
+    tmp_path: Path, default_extractor, capsys
+) -> None:
+    from lookalike.indexing import index_folder
+    from lookalike.labels import labels_from_folder
+
+    data = write_labelled(tmp_path / "data")
+    index = tmp_path / "idx"  # labelled by the first sub-folder: even / odd
+    index_folder(data, index, default_extractor.conf, extractor=default_extractor,
+                 labels=labels_from_folder(data))  # fmt: skip
+    code = main(["train", str(data), "--out", str(tmp_path / "m"), "--index", str(index),
+                 *TINY_ARGS])  # fmt: skip
+    assert code == 2
+    assert "none is a training class" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

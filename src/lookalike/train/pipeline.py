@@ -86,7 +86,7 @@ def train_and_index(
     target = None
     if old is not None:
         target = Path(new_index).expanduser() if new_index else default_new_index(old, out)
-        _check_labelled(old)
+        _check_labelled(old, data, labels)
         if target.resolve() == old.resolve():
             raise ConfigError(f"--new-index must differ from --index ({old})")
     model_dir = train_model(
@@ -124,16 +124,29 @@ def train_and_index(
     return outcome
 
 
-def _check_labelled(index: Path) -> None:
+def _check_labelled(index: Path, data, labels) -> None:
+    """Refuse, before training, an index the comparison could not use: one without labels,
+    or whose labels are none of the training classes."""
     from lookalike.index import IndexStore
-    from lookalike.recognize import has_labels
+    from lookalike.labels import label_of
+    from lookalike.train.data import labelled_images
 
     with IndexStore.open(index) as store:
-        if not has_labels(store):
-            raise ConfigError(
-                f"index {index} has no labels, so the new model cannot be compared with the "
-                "old one on it: index it with --label-from first"
-            )
+        found = {label_of(r.metadata) for r in store.records()} - {None}
+    if not found:
+        raise ConfigError(
+            f"index {index} has no labels, so the new model cannot be compared with the "
+            "old one on it: index it with --label-from parent first"
+        )
+    classes = (
+        data.classes if isinstance(data, LabelledImages) else labelled_images(data, labels).classes
+    )
+    if not found & set(classes):
+        raise ConfigError(
+            f"index {index} has labels ({', '.join(sorted(found)[:3])}, ...) but none is a "
+            f"training class ({', '.join(classes[:3])}, ...): label it as training does, "
+            "--label-from parent (the parent folder) or the same --labels CSV"
+        )
 
 
 def _score(index: Path, queries: list[str], truth: list[str], progress) -> GalleryReport:
