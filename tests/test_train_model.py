@@ -37,6 +37,20 @@ def test_gem_p_is_learned() -> None:
         LearnedGeM(0.0)
 
 
+def test_rgem_is_rmac_regions_pooled_by_gem_with_a_learned_p() -> None:
+    from lookalike import functional as F
+    from lookalike.train.model import LearnedRGeM
+
+    pool = LearnedRGeM(2.0, levels=2)
+    x = torch.rand(2, 8, 7, 9)
+    want = F.l2n(F.gem(x, 2.0))  # the whole map, then each region
+    for y0, x0, side in F.rmac_regions(7, 9, 2):
+        want = want + F.l2n(F.gem(x[..., y0 : y0 + side, x0 : x0 + side], 2.0))
+    torch.testing.assert_close(pool(x), want)
+    pool(x).sum().backward()
+    assert pool.p.grad is not None
+
+
 def test_the_head_trains_while_the_backbone_is_frozen(backbone) -> None:
     model = DescriptorModel(backbone, dim=32).train()
     model.backbone.eval()  # frozen: its batch norms keep their statistics too

@@ -51,7 +51,9 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--lr", type=float, help="the backbone's peak learning rate")
     p.add_argument("--head-lr", type=float, help="the head's (pooling, projection, classes)")
     p.add_argument("--dim", type=int_at_least(1), help="projection size (default 512)")
-    p.add_argument("--pooling", choices=("gem", "rmac"))
+    p.add_argument(
+        "--pooling", choices=("gem", "rgem", "rmac"), help="learned GeM (default), R-GeM, R-MAC"
+    )
     p.add_argument("--model", help="backbone: a registered name or any timm name")
     p.add_argument("--weights", help="local checkpoint of the backbone")
     p.add_argument("--index-size", type=int_at_least(32), help="long side images are indexed at")

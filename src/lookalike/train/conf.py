@@ -21,7 +21,7 @@ class TrainConf:
 
     model: str = "efficientnet_lite0"  # MODELS key or any timm name
     weights: str | None = None  # local checkpoint path of the backbone; None: packaged / hub
-    pooling: str = "gem"  # gem (p learned) or rmac
+    pooling: str = "gem"  # gem (p learned), rgem (regional GeM, p learned) or rmac
     gem_p: float = 3.0  # GeM's starting p
     dim: int | None = 512  # projection (linear + batch norm) size; None: no projection
     loss: str = "arcface"  # a LOSS_PRESETS key

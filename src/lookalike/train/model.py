@@ -1,6 +1,6 @@
 """The descriptor model that training fine-tunes and indexing then runs.
 
-``backbone -> pooling (GeM with a learned p, starting at 3; or R-MAC) -> optional linear
+``backbone -> pooling (GeM with a learned p, starting at 3; R-GeM; or R-MAC) -> optional linear
 projection + batch norm to dim -> L2 normalisation``. The backbone is lookalike's
 :class:`~lookalike.models.Backbone` (any registered or timm model), so the trained one goes
 through the same ONNX export as an off-the-shelf one; :meth:`DescriptorModel.embed` is the
@@ -17,7 +17,7 @@ from lookalike.errors import ConfigError
 from lookalike.models import Backbone
 from lookalike.pooling import RMAC, GeM
 
-POOLINGS = ("gem", "rmac")
+POOLINGS = ("gem", "rgem", "rmac")
 
 
 class LearnedGeM(GeM):
@@ -31,13 +31,25 @@ class LearnedGeM(GeM):
         return F.gem(x, self.p.clamp(min=1.0))  # p below 1 pools towards the minimum
 
 
+class LearnedRGeM(LearnedGeM):
+    """Regional GeM (R-GeM, as in cirtorch): R-MAC's regions, each pooled by GeM with the
+    learned ``p``, L2-normalised and summed."""
+
+    def __init__(self, p: float = 3.0, levels: int = 3) -> None:
+        super().__init__(p)
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rmac(x, self.levels, self.p.clamp(min=1.0))
+
+
 class DescriptorModel(nn.Module):
     """``(B, 3, H, W)`` images (normalised as the backbone wants) to ``(B, dim)`` unit
     descriptors.
 
     Args:
         backbone: the feature extractor.
-        pooling: ``gem`` (learned p) or ``rmac``.
+        pooling: ``gem`` (learned p), ``rgem`` (regional GeM, learned p) or ``rmac``.
         dim: the projection's output size; None keeps the backbone's channels (no
             projection).
         gem_p: GeM's starting p.
@@ -53,7 +65,8 @@ class DescriptorModel(nn.Module):
             raise ConfigError(f"the projection's dim must be >= 1, got {dim}")
         self.backbone = backbone
         self.pooling = pooling
-        self.pool: nn.Module = LearnedGeM(gem_p) if pooling == "gem" else RMAC()
+        pools = {"gem": lambda: LearnedGeM(gem_p), "rgem": lambda: LearnedRGeM(gem_p)}
+        self.pool: nn.Module = pools.get(pooling, RMAC)()
         channels = backbone.out_channels
         self.dim = channels if dim is None else int(dim)
         self.head: nn.Module = (
@@ -75,4 +88,4 @@ class DescriptorModel(nn.Module):
         return [*self.pool.parameters(), *self.head.parameters()]
 
 
-__all__ = ["POOLINGS", "DescriptorModel", "LearnedGeM"]
+__all__ = ["POOLINGS", "DescriptorModel", "LearnedGeM", "LearnedRGeM"]
