@@ -216,3 +216,36 @@ def test_an_index_labelled_otherwise_is_refused_before_training(
     assert code == 2
     assert "none is a training class" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_an_interrupted_reembedding_resumes_to_the_same_index(
+    labelled_index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lookalike.extract import get_preset
+    from lookalike.index.writer import WriterMixin
+    from lookalike.indexing.reembed import reembed_index
+
+    _, index = labelled_index
+    conf = get_preset("fast").replace(workers=0)
+    clean = tmp_path / "clean"
+    reembed_index(index, clean, conf, chunk=8)
+    real, calls = WriterMixin.add, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the second chunk
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(WriterMixin, "add", failing)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        reembed_index(index, resumed, conf, chunk=8)
+    assert len(records(resumed)) == 8
+    monkeypatch.setattr(WriterMixin, "add", real)
+    report = reembed_index(index, resumed, conf, chunk=8)
+    assert report.unchanged == 8 and report.added == len(records(index)) - 8
+    assert records(resumed) == records(clean) == records(index)
+    with IndexStore.open(clean) as a, IndexStore.open(resumed) as b:
+        ids = [r.id for r in a.records()]
+        np.testing.assert_array_equal(a.vectors(ids), b.vectors(ids))
