@@ -83,3 +83,32 @@ def test_the_onnx_backbone_then_the_head_match_pytorch(backbone, lookalike_cache
         got = model.embed(OnnxRunner(backbone, lookalike_cache)(images.numpy()))
     cosine = (want * got).sum(dim=1)
     assert cosine.min() > 0.999, cosine
+
+
+def test_early_stages_are_the_stem_and_the_first_blocks(backbone) -> None:
+    model = DescriptorModel(backbone, dim=16)
+    net = backbone.model
+    assert model.early_stages(0) == []
+    assert model.early_stages(2) == [net.conv_stem, net.bn1, net.blocks[0]]
+    assert model.early_stages(4)[-1] is net.blocks[2]
+    with pytest.raises(ConfigError, match="stages to freeze"):
+        model.early_stages(99)
+
+
+def test_frozen_stages_stay_as_they_were_through_training(tmp_path) -> None:
+    from conftest import write_images
+
+    from lookalike.train.conf import TrainConf
+    from lookalike.train.loop import train
+    from lookalike.train.model_dir import load_model
+
+    for c in range(2):
+        write_images(tmp_path / "data" / f"c{c}", 8)
+    conf = TrainConf(sizes=((64, 1),), freeze_epochs=0, frozen_stages=3, batch_size=8,
+                     index_size=64, workers=0, dim=16)  # fmt: skip
+    trained = load_model(train(tmp_path / "data", conf, tmp_path / "m")).model.backbone.model
+    start = create_backbone("efficientnet_lite0").model
+    for name, value in start.state_dict().items():
+        early = name.startswith(("conv_stem", "bn1", "blocks.0.", "blocks.1."))
+        same = torch.equal(value, trained.state_dict()[name])
+        assert same == early or "num_batches_tracked" in name, name

@@ -163,13 +163,13 @@ def _nmi(x: np.ndarray, codes: np.ndarray, clusters: int, seed: int) -> float:
 
     if clusters < 2:
         return 1.0
-    kmeans = faiss.Kmeans(x.shape[1], clusters, niter=25, seed=seed, spherical=True)
+    # a few images per class is normal here: faiss's warning below 39 per centroid is noise
+    kmeans = faiss.Kmeans(
+        x.shape[1], clusters, niter=25, seed=seed, spherical=True, min_points_per_centroid=1
+    )
     kmeans.train(x)
     _, assigned = kmeans.index.search(x, 1)
     return float(normalized_mutual_info_score(codes, assigned[:, 0]))
-
-
-__all__ = ["ClassResult", "LabelledReport", "labelled_metrics"]
 
 
 @dataclass
@@ -269,3 +269,12 @@ def gallery_metrics(
         unknown=unknown,
         failed=failed,
     )
+
+
+__all__ = [
+    "ClassResult",
+    "GalleryReport",
+    "LabelledReport",
+    "gallery_metrics",
+    "labelled_metrics",
+]

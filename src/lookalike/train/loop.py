@@ -211,16 +211,21 @@ class _Run:
         for t in self.train_data.targets:
             self.counts[t] += 1
         backbone = create_backbone(conf.model, conf.weights)
-        self.model = DescriptorModel(backbone, conf.pooling, conf.dim, conf.gem_p).to(self.device)
+        model = DescriptorModel(backbone, conf.pooling, conf.dim, conf.gem_p)
+        self.early = model.early_stages(conf.frozen_stages)
+        # channels-last: oneDNN (CPU) and cuDNN run these convolutions about twice as fast
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         self.loss_conf = loss_preset(conf.loss)
         self.classifier = self.loss_conf.kind == CLASSIFIER
         counts = [max(c, 1) for c in self.counts]
         loss, self.miner = build_loss(self.loss_conf, len(self.classes), self.model.dim, counts)
         self.loss = loss.to(self.device)
         head = [*self.model.head_parameters(), *self.loss.parameters()]
+        fixed = {id(p) for m in self.early for p in m.parameters()}
+        trained = [p for p in self.model.backbone.parameters() if id(p) not in fixed]
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": list(self.model.backbone.parameters()), "lr": conf.lr},
+                {"params": trained, "lr": conf.lr},
                 {"params": head, "lr": conf.head_lr},
             ],
             weight_decay=conf.weight_decay,
@@ -338,7 +343,7 @@ class _Run:
     def save_model(self, interrupted: bool = False) -> None:
         """``weights.pt`` (the current model) and ``model.json``."""
         self.out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         info = self._info(interrupted)
         info["weights"] = {"file": WEIGHTS, "hash": tensor_hash(state)}
         write_torch(self.out / WEIGHTS, state)
@@ -371,6 +376,10 @@ class _Run:
             p.requires_grad_(not frozen)
         if frozen:
             self.model.backbone.eval()  # batch-norm statistics stay ImageNet's
+        for module in self.early:  # frozen throughout, statistics included
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor, frozen: bool) -> float:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self._amp):
@@ -442,7 +451,7 @@ class _Run:
                     transform(torch.from_numpy(self.train_data.images[r]).permute(2, 0, 1))
                     for r in rows
                 ]
-            ).to(self.device, non_blocking=True)
+            ).to(self.device, non_blocking=True, memory_format=torch.channels_last)
             y = torch.tensor([self.train_data.targets[r] for r in rows], device=self.device)
             value = self._step(x, y, frozen)
             if not math.isfinite(value):

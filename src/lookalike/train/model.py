@@ -82,6 +82,33 @@ class DescriptorModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.backbone(images))
 
+    def early_stages(self, count: int) -> list[nn.Module]:
+        """The backbone's first ``count`` stages in timm's order (stem, then blocks: its
+        ``group_matcher``), which training may keep frozen: generic low-level features,
+        and a backward pass that stops before them."""
+        if count <= 0:
+            return []
+        from timm.models import group_parameters
+
+        net = self.backbone.model
+        if not hasattr(net, "group_matcher"):
+            raise ConfigError(
+                f"{self.backbone.name} does not name its stages (no timm group_matcher): "
+                "use frozen_stages=0"
+            )
+        groups = list(group_parameters(net, net.group_matcher(coarse=True)).values())
+        if count >= len(groups):
+            raise ConfigError(
+                f"{self.backbone.name} has {len(groups) - 1} stages to freeze, got {count}"
+            )
+        names: dict[str, None] = {}
+        for group in groups[:count]:
+            for param in group:
+                parts = param.split(".")
+                depth = 2 if parts[0] in ("blocks", "stages", "layers") else 1
+                names.setdefault(".".join(parts[:depth]), None)
+        return [net.get_submodule(name) for name in names]
+
     def head_parameters(self) -> list[nn.Parameter]:
         """What follows the backbone (pooling, projection): trained from the first epoch,
         while the backbone may be frozen."""
