@@ -47,6 +47,9 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--sizes", type=parse_sizes, help="progressive sizes, size:epochs, e.g. 224:4,320:2"
     )
     p.add_argument("--freeze-epochs", type=int_at_least(0), help="first epochs, backbone frozen")
+    p.add_argument(
+        "--frozen-stages", type=int_at_least(0), help="backbone stages frozen throughout (4)"
+    )
     p.add_argument("--batch-size", type=int_at_least(2))
     p.add_argument("--lr", type=float, help="the backbone's peak learning rate")
     p.add_argument("--head-lr", type=float, help="the head's (pooling, projection, classes)")
@@ -77,8 +80,8 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 OPTIONS = (
-    "loss", "sizes", "freeze_epochs", "batch_size", "lr", "head_lr", "dim", "pooling", "model",
-    "weights", "index_size", "seed", "device", "workers", "val_fraction",
+    "loss", "sizes", "freeze_epochs", "frozen_stages", "batch_size", "lr", "head_lr", "dim",
+    "pooling", "model", "weights", "index_size", "seed", "device", "workers", "val_fraction",
 )  # fmt: skip
 
 
