@@ -14,6 +14,8 @@ run can be done in parts; ``--again`` recomputes):
   train held out, never val). Each of the 296 val photos queries both: P@1 (the first
   result is of the same fine class), mAP over the whole ranking, mAP@R, and recognition
   accuracy (soft vote of the top 10). Plus the training time and images/s per epoch.
+* ``same_losses``: ``same`` again with the loss presets of ``--same-losses`` (the
+  default's loss was chosen with it).
 * ``iconic``: the 81 iconic product images (one per class) are the only gallery; the val
   photos are recognised against it (P@1 = accuracy of the nearest image), before / after.
 * ``disjoint``: the metric-learning protocol. The 41 classes of even class id train
@@ -122,6 +124,32 @@ def stage_same(args, out: Path) -> dict:
             "learned_p": info["pooling"]["p"],
         },
     }
+
+
+def stage_same_losses(args, out: Path) -> dict:
+    """``same`` for other loss presets (``--same-losses``): the default training preset
+    with only the loss changed, against the same baseline index."""
+    from lookalike.indexing.reembed import reembed_index
+    from lookalike.train.conf import train_preset
+    from lookalike.train.model_dir import extract_conf, read_info
+
+    train_set, val_set = grocery(args.data)
+    queries = list(val_set.paths)
+    truth = [val_set.classes[t] for t in val_set.targets]
+    result = {}
+    for loss in filter(None, args.same_losses.split(",")):
+        conf = train_preset("default").replace(loss=loss, device=args.device)
+        model_dir, seconds = trained(out, f"grocery-{loss}", train_set, conf)
+        new = out / f"same-{loss}.idx"
+        reembed_index(out / "same-base.idx", new, extract_conf(model_dir))
+        info = read_info(model_dir)
+        result[loss] = {
+            **score(new, queries, truth),
+            "train_seconds": round(seconds, 1),
+            "best_epoch": info["best_epoch"],
+        }
+        _save(out / "same_losses.partial.json", result)
+    return result
 
 
 def stage_iconic(args, out: Path) -> dict:
@@ -306,6 +334,14 @@ def print_report(report: dict) -> None:
             f"  training {t['seconds'] / 60:.1f} min, best epoch {t['best_epoch']}, learned "
             f"p {t['learned_p']}, unfrozen {min(rates):.1f}-{max(rates):.1f} img/s"
         )
+    if "same_losses" in report:
+        print("same-class retrieval with other losses (default training preset otherwise)")
+        for loss, r in report["same_losses"].items():
+            if isinstance(r, dict) and "p_at_1" in r:
+                print(
+                    f"  {loss:<22}{pct(r['p_at_1']):>7}{pct(r['map']):>7}"
+                    f"{pct(r['map_at_r']):>7}{pct(r['accuracy']):>7}"
+                )
     if "iconic" in report:
         r = report["iconic"]
         print("iconic gallery (81 product shots), val photos recognised")
@@ -348,7 +384,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/train"))
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--losses", default=",".join(DISJOINT_LOSSES))
-    parser.add_argument("--disjoint-sizes", default="224:3")
+    parser.add_argument("--disjoint-sizes", default="224:5")
+    parser.add_argument("--same-losses", default="", help="stage same_losses: loss presets")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--again", action="store_true", help="recompute stages already saved")
     args = parser.parse_args()
