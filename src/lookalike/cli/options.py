@@ -68,7 +68,7 @@ def add_descriptor_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         help="backbone: a registered name or any timm name; or a model directory written by "
-        "`lookalike train` (its own head, size and no whitening)",
+        "`lookalike train` (its own head and size)",
     )
     g.add_argument("--weights", help="local checkpoint file for --model")
     g.add_argument("--image-size", type=int_at_least(1), help="long side of the images, pixels")

@@ -17,6 +17,7 @@ and needs neither pytorch-metric-learning nor the training data.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -164,18 +165,23 @@ def describe_model(model: torch.nn.Module) -> dict:
 
 def extract_conf(model_dir: str | Path, **overrides: object):
     """The :class:`~lookalike.extract.ExtractConf` that indexes with a trained model: its
-    own head (pooling ``trained``), no whitening (the projection is learned), one scale, the
-    size the model was trained to be described at."""
-    from lookalike.extract import ExtractConf
+    own head (pooling ``trained``), one scale, the size the model was trained to be
+    described at, and a PCA-whitening learned from the indexed collection as the default
+    preset has (to at most 256-d; measured on Grocery val: P@1 82.8 against 81.1 without,
+    docs/benchmarks.md)."""
+    from lookalike.extract import ExtractConf, get_preset
 
     root = Path(model_dir).expanduser().resolve()
     info = read_info(root)
+    whitening = get_preset("default").whitening
+    if whitening is not None and whitening.dim is not None:
+        whitening = dataclasses.replace(whitening, dim=min(whitening.dim, int(info["dim"])))
     conf = ExtractConf(
         model=info["backbone"]["name"],
         weights=str(root),
         pooling=TRAINED_POOLING,
         image_size=int(info.get("input_size", {}).get("index", 512)),
-        whitening=None,
+        whitening=whitening,
     )
     return conf.replace(**overrides) if overrides else conf
 
