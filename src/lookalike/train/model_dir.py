@@ -167,7 +167,8 @@ def extract_conf(model_dir: str | Path, **overrides: object):
     """The :class:`~lookalike.extract.ExtractConf` that indexes with a trained model: its
     own head (pooling ``trained``), one scale, the size the model was trained to be
     described at, and a PCA-whitening learned from the indexed collection as the default
-    preset has (to at most 256-d; measured on Grocery val: P@1 82.8 against 81.1 without,
+    preset has (to at most 256-d, once the collection holds twice as many images as the
+    model has dimensions; measured on Grocery val: P@1 82.8 against 81.1 without,
     docs/benchmarks.md)."""
     from lookalike.extract import ExtractConf, get_preset
 
@@ -175,7 +176,12 @@ def extract_conf(model_dir: str | Path, **overrides: object):
     info = read_info(root)
     whitening = get_preset("default").whitening
     if whitening is not None and whitening.dim is not None:
-        whitening = dataclasses.replace(whitening, dim=min(whitening.dim, int(info["dim"])))
+        # one sample per image (not R-MAC's regions): learned once the collection has
+        # twice as many images as the model has dimensions
+        dim = int(info["dim"])
+        whitening = dataclasses.replace(
+            whitening, dim=min(whitening.dim, dim), min_images=max(whitening.min_images, 2 * dim)
+        )
     conf = ExtractConf(
         model=info["backbone"]["name"],
         weights=str(root),
