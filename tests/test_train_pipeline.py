@@ -249,3 +249,13 @@ def test_an_interrupted_reembedding_resumes_to_the_same_index(
     with IndexStore.open(clean) as a, IndexStore.open(resumed) as b:
         ids = [r.id for r in a.records()]
         np.testing.assert_array_equal(a.vectors(ids), b.vectors(ids))
+
+
+def test_dim_0_trains_without_a_projection(tmp_path: Path, capsys) -> None:
+    from lookalike.train.model_dir import read_info
+
+    data = write_labelled(tmp_path / "data", classes=2, per_class=8)
+    args = [a if a != "32" else "0" for a in TINY_ARGS]  # --dim 0
+    assert main(["-q", "train", str(data), "--out", str(tmp_path / "m"), *args]) == 0
+    info = read_info(tmp_path / "m")
+    assert info["projection"] is None and info["dim"] == 1280

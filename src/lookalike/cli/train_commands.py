@@ -53,7 +53,9 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--batch-size", type=int_at_least(2))
     p.add_argument("--lr", type=float, help="the backbone's peak learning rate")
     p.add_argument("--head-lr", type=float, help="the head's (pooling, projection, classes)")
-    p.add_argument("--dim", type=int_at_least(1), help="projection size (default 512)")
+    p.add_argument(
+        "--dim", type=int_at_least(0), help="projection size (default 512; 0: no projection)"
+    )
     p.add_argument(
         "--pooling", choices=("gem", "rgem", "rmac"), help="learned GeM (default), R-GeM, R-MAC"
     )
@@ -90,6 +92,8 @@ def train_conf(args: argparse.Namespace):  # -> TrainConf
     from lookalike.train.conf import train_preset
 
     changes = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
+    if changes.get("dim") == 0:
+        changes["dim"] = None  # the backbone's channels, no projection
     return train_preset(args.preset).replace(**changes)
 
 
