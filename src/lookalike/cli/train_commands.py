@@ -155,6 +155,7 @@ def _print_training(model_dir: Path) -> None:
             f"{e['images_per_s']:.1f} img/s  {scores}"
         )
     best = next((e for e in info.get("epochs", []) if e["epoch"] == info.get("best_epoch")), None)
-    for c in ((best or {}).get("val") or {}).get("worst", []):
+    worst = ((best or {}).get("val") or {}).get("worst", [])
+    for c in (c for c in worst if c["recall_at_1"] < 1):  # the classes it still misses
         confused = "" if c["confused_with"] is None else f", confused with {c['confused_with']}"
         print(f"  worst: {c['label']} (R@1 {100 * c['recall_at_1']:.0f}{confused})")
