@@ -332,6 +332,12 @@ def _save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def print_gallery_row(name: str, r: dict) -> None:
+    """P@1, mAP, mAP@R and recognition accuracy of a ``gallery_metrics`` result, in %."""
+    cells = (r["p_at_1"], r["map"], r["map_at_r"], r["accuracy"])
+    print(f"  {name:<22}" + "".join(f"{100 * v:>7.1f}" for v in cells))
+
+
 def print_report(report: dict) -> None:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     if "same" in report:
@@ -339,11 +345,7 @@ def print_report(report: dict) -> None:
         print("same-class retrieval, val photos against the indexed train photos")
         print(f"  {'':<22}{'P@1':>7}{'mAP':>7}{'mAP@R':>7}{'recog':>7}")
         for name in ("baseline", "trained"):
-            r = s[name]
-            print(
-                f"  {name:<22}{pct(r['p_at_1']):>7}{pct(r['map']):>7}"
-                f"{pct(r['map_at_r']):>7}{pct(r['accuracy']):>7}"
-            )
+            print_gallery_row(name, s[name])
         t = s["training"]
         rates = [e["images_per_s"] for e in t["epochs"] if not e["frozen"]]
         print(
@@ -354,10 +356,7 @@ def print_report(report: dict) -> None:
         print("same-class retrieval with other losses (default training preset otherwise)")
         for loss, r in report["same_losses"].items():
             if isinstance(r, dict) and "p_at_1" in r:
-                print(
-                    f"  {loss:<22}{pct(r['p_at_1']):>7}{pct(r['map']):>7}"
-                    f"{pct(r['map_at_r']):>7}{pct(r['accuracy']):>7}"
-                )
+                print_gallery_row(loss, r)
     if "iconic" in report:
         r = report["iconic"]
         print("iconic gallery (81 product shots), val photos recognised")

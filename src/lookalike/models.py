@@ -157,7 +157,9 @@ def create_backbone(
     Args:
         name: a key of ``MODELS`` or any timm model name.
         weights: local checkpoint path; overrides the default weights.
-        pretrained: for timm names without ``weights``, download the hub weights.
+        pretrained: without ``weights``, load the packaged weights (registered models) or
+            download the hub weights (timm names); False leaves the random initialisation
+            (what a trained model directory's own weights then replace).
     """
     import timm
 
@@ -173,7 +175,7 @@ def create_backbone(
         ) from exc
     except Exception as exc:  # hub download failures
         raise ConfigError(f"cannot create model {name!r}: {exc}") from exc
-    if weights is None and spec is not None and spec.package:
+    if weights is None and spec is not None and spec.package and pretrained:
         weights = packaged_weights_path(name)
     if weights is not None:
         state = map_state_dict(model, _read_checkpoint(Path(weights)))

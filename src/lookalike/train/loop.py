@@ -189,6 +189,7 @@ class _Run:
         self.best: dict | None = None
         self.rng_state: torch.Tensor | None = None  # of a resumed, interrupted epoch
         self.running: tuple[float, int] | None = None  # (loss sum, steps) of this epoch
+        self.weights_record: dict | None = None  # model.json's "weights", once written
 
     # -- setting up -------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         info = self._info(interrupted)
-        info["weights"] = {"file": WEIGHTS, "hash": tensor_hash(state)}
+        info["weights"] = self.weights_record = {"file": WEIGHTS, "hash": tensor_hash(state)}
         write_torch(self.out / WEIGHTS, state)
         write_json(self.out / MODEL_JSON, info)
 
@@ -353,9 +354,8 @@ class _Run:
         """``model.json`` with the latest history, keeping the weights' record."""
         from lookalike.train.model_dir import read_info
 
-        recorded = read_info(self.out)["weights"]
         info = self._info(interrupted)
-        info["weights"] = recorded
+        info["weights"] = self.weights_record or read_info(self.out)["weights"]  # resumed
         write_json(self.out / MODEL_JSON, info)
 
     # -- the loop ---------------------------------------------------------------------
