@@ -21,8 +21,8 @@ run can be done in parts; ``--again`` recomputes):
 * ``disjoint``: the metric-learning protocol. The 41 classes of even class id train
   (their train photos), the 40 of odd id are never seen; every photo (train + val) of
   those 40 queries the others: Recall@1 and mAP@R (labelled_metrics), for the
-  off-the-shelf default preset and for each loss preset trained with ``--disjoint-sizes``,
-  with the seconds per epoch.
+  off-the-shelf default preset and for each loss preset trained with the default preset
+  (``--disjoint-sizes`` to shorten it), with the seconds per epoch.
 * ``transfer``: Holidays and Oxford5k mAP with the off-the-shelf default preset and with
   the Grocery model: a model tuned on one domain is not a general upgrade.
 * ``throughput``: training images/s at 224 px (frozen and unfrozen backbone), against the
@@ -221,11 +221,10 @@ def stage_disjoint(args, out: Path) -> dict:
         "baseline": measure(get_preset("default"), "baseline"),
         "losses": {},
     }
-    sizes = parse_sizes(args.disjoint_sizes)
+    preset = train_preset("default")
+    sizes = parse_sizes(args.disjoint_sizes) if args.disjoint_sizes else preset.sizes
     for loss in args.losses.split(","):
-        conf = train_preset("default").replace(
-            loss=loss, sizes=sizes, freeze_epochs=1, device=args.device
-        )
+        conf = preset.replace(loss=loss, sizes=sizes, device=args.device)
         model_dir, seconds = trained(out, f"disjoint-{loss}", part, conf)
         result["losses"][loss] = {
             **measure(extract_conf(model_dir), loss),
@@ -402,7 +401,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/train"))
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--losses", default=",".join(DISJOINT_LOSSES))
-    parser.add_argument("--disjoint-sizes", default="224:5")
+    parser.add_argument(
+        "--disjoint-sizes", default="", help="size:epochs for stage disjoint; default: the preset's"
+    )
     parser.add_argument("--same-losses", default="", help="stage same_losses: loss presets")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--again", action="store_true", help="recompute stages already saved")

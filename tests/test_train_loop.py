@@ -180,6 +180,29 @@ def test_unreadable_images_are_skipped_with_their_reason(tmp_path: Path) -> None
     assert skipped[0]["error"]
 
 
+def test_the_saved_backbone_is_the_weight_space_ensemble(labelled: Path, tmp_path: Path) -> None:
+    from lookalike.models import create_backbone
+
+    one = TINY.replace(sizes=((64, 1),), freeze_epochs=0)
+    tuned = _weights(train(labelled, one.replace(wise=1.0), tmp_path / "tuned"))
+    mixed_dir = train(labelled, one.replace(wise=0.25), tmp_path / "mixed")
+    mixed = _weights(mixed_dir)
+    start = create_backbone("efficientnet_lite0").model.state_dict()
+    moved = 0
+    for key, value in start.items():
+        name = f"backbone.model.{key}"
+        if value.is_floating_point():
+            want = 0.75 * value + 0.25 * tuned[name]
+            assert torch.allclose(mixed[name], want, atol=1e-6), name
+            moved += not torch.equal(tuned[name], value)
+    assert moved > 10  # the fine-tuned end differs from the start: the mix is not trivial
+    for key in tuned:  # the head began random: kept as trained
+        if not key.startswith("backbone."):
+            assert torch.equal(mixed[key], tuned[key]), key
+    wise = read_info(mixed_dir)["wise"]
+    assert wise["alpha"] == 0.25 and len(wise["initial_weights"]) == 16
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -190,6 +213,8 @@ def test_unreadable_images_are_skipped_with_their_reason(tmp_path: Path) -> None
         ({"batch_size": 6, "k_per_class": 4}, "multiple of k_per_class"),
         ({"lr": 0.0}, "learning rates"),
         ({"val_fraction": 1.0}, "val_fraction"),
+        ({"wise": 0.0}, "wise"),
+        ({"wise": 1.5}, "wise"),
     ],
 )
 def test_bad_settings_are_config_errors(changes: dict, message: str) -> None:

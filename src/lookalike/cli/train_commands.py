@@ -61,6 +61,12 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     )
     p.add_argument("--model", help="backbone: a registered name or any timm name")
     p.add_argument("--weights", help="local checkpoint of the backbone")
+    p.add_argument(
+        "--wise",
+        type=float,
+        help="weight-space ensemble: share of the fine-tuned backbone kept, the rest its "
+        "starting weights (default 0.7; 1: fine-tuned only)",
+    )
     p.add_argument("--index-size", type=int_at_least(32), help="long side images are indexed at")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
@@ -83,7 +89,8 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 OPTIONS = (
     "loss", "sizes", "freeze_epochs", "frozen_stages", "batch_size", "lr", "head_lr", "dim",
-    "pooling", "model", "weights", "index_size", "seed", "device", "workers", "val_fraction",
+    "pooling", "model", "weights", "wise", "index_size", "seed", "device", "workers",
+    "val_fraction",
 )  # fmt: skip
 
 

@@ -14,6 +14,11 @@ from lookalike.errors import ConfigError
 from lookalike.train.losses import LOSS_PRESETS
 from lookalike.train.model import POOLINGS
 
+# WiSE-FT (Wortsman et al., CVPR 2022) mixes the fine-tuned backbone with the one training
+# started from: on Grocery it keeps classes training never saw as well separated as the
+# off-the-shelf model did and loses nothing on the trained ones (docs/benchmarks.md).
+WISE = 0.7
+
 
 @dataclass(frozen=True)
 class TrainConf:
@@ -37,6 +42,8 @@ class TrainConf:
     warmup: float = 0.1  # fraction of a group's training steps spent warming up
     clip_grad: float = 5.0  # gradient norm clipping; 0 is off
     augment: bool = True  # random resized crop, flip, colour jitter, cutout
+    wise: float = WISE  # weight-space ensembling (WiSE-FT): the saved backbone is
+    #   (1 - wise) * its starting weights + wise * the fine-tuned ones; 1.0 keeps the fine-tuned
     index_size: int = 512  # long side images are described at after training (no upscale)
     val_fraction: float = 0.1  # held out per class when no validation folder is given
     seed: int = 0
@@ -69,6 +76,8 @@ class TrainConf:
             raise ConfigError("learning rates must be > 0, weight_decay and clip_grad >= 0")
         if not 0 <= self.warmup < 1 or not 0 < self.val_fraction < 1:
             raise ConfigError("warmup must be in [0, 1) and val_fraction in (0, 1)")
+        if not 0 < self.wise <= 1:
+            raise ConfigError(f"wise must be in (0, 1], got {self.wise}")
         if self.index_size < 32 or (self.dim is not None and self.dim < 1):
             raise ConfigError("index_size must be >= 32 px and dim >= 1")
 

@@ -212,6 +212,10 @@ class _Run:
         for t in self.train_data.targets:
             self.counts[t] += 1
         backbone = create_backbone(conf.model, conf.weights)
+        # the weights training starts from (what a resumed run rebuilds the same way): the
+        # other end of the weight-space ensemble (conf.wise)
+        self.initial = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        self.initial_hash = backbone.weights_id
         model = DescriptorModel(backbone, conf.pooling, conf.dim, conf.gem_p)
         self.early = model.early_stages(conf.frozen_stages)
         # channels-last: oneDNN (CPU) and cuDNN run these convolutions about twice as fast
@@ -335,16 +339,47 @@ class _Run:
                 "skipped": self.train_data.skipped
                 + ([] if self.val_data is None else self.val_data.skipped),
             },
+            "wise": {"alpha": self.conf.wise, "initial_weights": self.initial_hash},
             "epochs": self.history,
             "best_epoch": None if self.best is None else self.best["epoch"],
             "complete": not interrupted and self.epoch >= self.conf.epochs,
             "versions": versions,
         }
 
-    def save_model(self, interrupted: bool = False) -> None:
-        """``weights.pt`` (the current model) and ``model.json``."""
-        self.out.mkdir(parents=True, exist_ok=True)
+    def ensembled_state(self) -> dict[str, torch.Tensor]:
+        """The model's state with its backbone mixed with the starting weights:
+        ``(1 - wise) * initial + wise * fine-tuned`` (WiSE-FT, Wortsman et al. 2022; written
+        here: timm and PML have no such step). The head has no starting point worth mixing
+        (it began random) and is kept as trained."""
+        wise = self.conf.wise
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if wise == 1.0:
+            return state
+        for key, start in self.initial.items():
+            name = f"backbone.{key}"
+            if start.is_floating_point():  # not batch norm's step counters
+                state[name] = torch.lerp(start, state[name].to(start.dtype), wise)
+        return state
+
+    @contextlib.contextmanager
+    def ensembled(self) -> Iterator[None]:
+        """The model holds :meth:`ensembled_state` inside the block, its training weights
+        again after it."""
+        if self.conf.wise == 1.0:
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ensembled_state())
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
+
+    def save_model(self, interrupted: bool = False) -> None:
+        """``weights.pt`` (the current model, ensembled as ``conf.wise`` says) and
+        ``model.json``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self.ensembled_state()
         info = self._info(interrupted)
         info["weights"] = self.weights_record = {"file": WEIGHTS, "hash": tensor_hash(state)}
         write_torch(self.out / WEIGHTS, state)
@@ -517,7 +552,8 @@ class _Run:
             return None
         if max(np.bincount(data.targets)) < 2:
             return None
-        x = self.embed(data.images)
+        with self.ensembled():  # what will be saved is what is validated
+            x = self.embed(data.images)
         labels = [self.val_classes[t] for t in data.targets]
         report = labelled_metrics(x, labels, (1, 5), worst=5, seed=self.conf.seed)
         return {
