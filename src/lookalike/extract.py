@@ -24,7 +24,7 @@ from PIL import Image
 
 from lookalike import functional as F
 from lookalike.errors import ConfigError, IndexStateError
-from lookalike.images import Decoded, decode_many, read_image
+from lookalike.images import Decoded, decode_many, read_image, resize_long_side
 from lookalike.index.manifest import Manifest, QueryDefaults
 from lookalike.models import create_backbone
 from lookalike.pooling import create_pooling
@@ -54,6 +54,9 @@ class ExtractConf:
     )  # learned from the collection's regional descriptors; None switches it off
     query_rotations: tuple[int, ...] = (0, 90, 270)  # query angles (deg) searched; (0,) is off
     rotation_penalty: float = 0.05  # subtracted from scores of rotated query views; 0 is off
+    query_crops: tuple[float, ...] = ()  # regional query views: for each size (a fraction of
+    #   the query's sides) a grid of overlapping crops, each searched (query_crop_boxes); () off
+    crop_penalty: float = 0.05  # subtracted from the scores of crop views
     runtime: str = "auto"  # auto (ONNX on CPU, torch on CUDA), onnx, torch
     device: str = "auto"  # auto, cpu, cuda
     batch_size: int = 8  # images per forward pass (same-size images are batched together)
@@ -68,6 +71,11 @@ class ExtractConf:
             raise ConfigError(
                 f"query_rotations must be multiples of 90, got {self.query_rotations}"
             )
+        if any(not 0.1 <= c < 1 for c in self.query_crops):
+            raise ConfigError(
+                f"query_crops are crop sizes, fractions of the query's sides in [0.1, 1), "
+                f"got {self.query_crops}"
+            )
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("batch_size must be >= 1 and workers >= 0")
         if self.pooling == TRAINED and self.weights is None:
@@ -76,7 +84,7 @@ class ExtractConf:
     def descriptor(self) -> dict:
         """The fields that define the descriptor space (stored in an index, checked on reuse)."""
         d = dataclasses.asdict(self)
-        query_only = ("query_rotations", "rotation_penalty")
+        query_only = ("query_rotations", "rotation_penalty", "query_crops", "crop_penalty")
         for key in (*query_only, "runtime", "device", "batch_size", "workers"):
             d.pop(key)
         d["scales"] = list(self.scales)
@@ -84,7 +92,12 @@ class ExtractConf:
 
     def query_defaults(self) -> QueryDefaults:
         """The query-time fields an index records as its search defaults."""
-        return QueryDefaults(tuple(self.query_rotations), float(self.rotation_penalty))
+        return QueryDefaults(
+            tuple(self.query_rotations),
+            float(self.rotation_penalty),
+            tuple(self.query_crops),
+            float(self.crop_penalty),
+        )
 
     @classmethod
     def from_descriptor(cls, descriptor: dict, **overrides: object) -> ExtractConf:
@@ -112,6 +125,8 @@ class ExtractConf:
         query = {
             "query_rotations": tuple(manifest.query.rotations),
             "rotation_penalty": manifest.query.rotation_penalty,
+            "query_crops": tuple(manifest.query.crops),
+            "crop_penalty": manifest.query.crop_penalty,
         }
         return cls.from_descriptor(manifest.descriptor, **{**query, **overrides})
 
@@ -286,11 +301,42 @@ class Extractor:
         image: str | Path | bytes | Image.Image,
         box: tuple[float, float, float, float] | None = None,
         rotations: Sequence[int] | None = None,
+        crops: Sequence[float] | None = None,
     ) -> np.ndarray:
         """Describe one query image (a path, bytes or a PIL image; optionally cropped):
-        ``(len(rotations), D)`` float32, one row per rotated view."""
-        img = np.asarray(read_image(image, self.max_side, box=box, upscale=self.conf.upscale))
+        ``(len(rotations) + crop views, D)`` float32: one row per rotated view, then one
+        per regional crop (upright; :func:`query_crop_boxes`), each cut from the image read
+        at the resolution that describes it at ``image_size`` (default: the conf's
+        ``query_rotations`` and ``query_crops``)."""
         rots = self.conf.query_rotations if rotations is None else tuple(rotations)
+        sizes = self.conf.query_crops if crops is None else tuple(crops)
+        side = self.max_side
+        # crops are cut from a larger reading of the photo, so that a crop is described
+        # with as many pixels as the whole image is (an item in a third of the frame)
+        read_side = round(side / min(sizes)) if sizes else side
+        full = read_image(image, read_side, box=box, upscale=self.conf.upscale)
+        upscale = self.conf.upscale
+        img = np.asarray(resize_long_side(full, side, upscale))
         # np.rot90 turns counter-clockwise, like PIL's rotate
         views = [np.ascontiguousarray(np.rot90(img, k=(r // 90) % 4)) for r in rots]
+        for x1, y1, x2, y2 in query_crop_boxes(full.width, full.height, sizes):
+            crop = full.crop((x1, y1, x2, y2))
+            views.append(np.asarray(resize_long_side(crop, side, upscale)))
         return self.extract_arrays(views).global_
+
+
+def query_crop_boxes(
+    width: int, height: int, sizes: Sequence[float]
+) -> list[tuple[int, int, int, int]]:
+    """The regional crops of a ``width`` x ``height`` query: for each size ``s`` (a
+    fraction of both sides) an ``n`` x ``n`` grid of ``s``-sized boxes evenly spread from
+    one edge to the other, ``n = round(1 / s) + 1`` (0.5: 3 x 3 boxes overlapping by
+    half; 0.7: 2 x 2), as R-MAC spreads its regions. ``(x1, y1, x2, y2)`` pixel boxes."""
+    boxes = []
+    for s in sizes:
+        w, h = max(1, round(width * s)), max(1, round(height * s))
+        n = round(1 / s) + 1
+        xs = np.linspace(0, width - w, n).round().astype(int)
+        ys = np.linspace(0, height - h, n).round().astype(int)
+        boxes.extend((int(x), int(y), int(x) + w, int(y) + h) for y in ys for x in xs)
+    return boxes

@@ -194,7 +194,7 @@ def read_image(
             raise ImageError(f"Cannot convert image {label} to RGB: {exc}") from exc
         if box is not None:
             img = _crop(img, box, label)
-        return _resize(img, _check_max_side(max_side), upscale)
+        return resize_long_side(img, _check_max_side(max_side), upscale)
     raise ConfigError(
         f"an image must be a file path, bytes or a PIL image, got {type(source).__name__}"
     )
@@ -278,7 +278,7 @@ def _decode(
         ) from exc
     if box is not None:
         img = _crop(img, box, name)
-    return _resize(img, max_side, upscale), (width, height)
+    return resize_long_side(img, max_side, upscale), (width, height)
 
 
 def crop_image(img: Image.Image, box: Iterable[float], name: str = "<image>") -> Image.Image:
@@ -313,7 +313,7 @@ def _crop(img: Image.Image, box: Iterable[float], name: str) -> Image.Image:
     return img.crop((left, top, right, bottom))
 
 
-def _resize(img: Image.Image, max_side: int | None, upscale: bool) -> Image.Image:
+def resize_long_side(img: Image.Image, max_side: int | None, upscale: bool) -> Image.Image:
     """Resize so the long side is ``max_side`` (only down unless ``upscale``)."""
     if max_side is None:
         return img

@@ -55,8 +55,9 @@ class Hit:
     rank: int  # 1-based
     id: int
     path: str
-    score: float  # cosine similarity in the index space (less rotation_penalty for a match
-    #   found by a rotated query view; fused with inliers when verified); higher is better
+    score: float  # cosine similarity in the index space (less the rotation or crop penalty for
+    #   a match found by a rotated view or a crop; fused with inliers when verified); higher
+    #   is better
     metadata: dict
     inliers: int | None = None  # verified inlier count; None: not verified
 
@@ -140,6 +141,7 @@ class Searcher:
         runtime: str = "auto",
         device: str = "auto",
         extractor: Extractor | None = None,
+        crops: Sequence[float] | None = None,
     ) -> Searcher:
         """A searcher over the index at ``index_dir`` (opened read-only, closed with it).
 
@@ -151,10 +153,14 @@ class Searcher:
             runtime, device: where the query model runs (the descriptor settings come from
                 the index, so queries are always described like the database).
             extractor: a ready extractor with the index's settings (saves a model load).
+            crops: regional query crop sizes instead of the index's defaults (``()``: the
+                whole image only; :func:`lookalike.extract.query_crop_boxes`).
         """
         store = IndexStore.open(index_dir)
         try:
             conf = ExtractConf.for_index(store.manifest, runtime=runtime, device=device, workers=0)
+            if crops is not None:
+                conf = conf.replace(query_crops=tuple(float(c) for c in crops))
             resources = StageResources(store)
             stages = build_stages(rerank, resources, _device(verify, device))
             return cls(store, extractor, stages, conf=conf, resources=resources, close_store=True)
@@ -308,11 +314,13 @@ class Searcher:
                 )
             return views, self._penalty(angles)
         angles = tuple(query.rotations or rotations or self.conf.query_rotations)
-        views = self.extractor.extract_query(query.image, query.box, angles)
-        return views, self._penalty(angles)
+        views = self.extractor.extract_query(query.image, query.box, angles, self.conf.query_crops)
+        return views, self._penalty(angles, len(views) - len(angles))
 
-    def _penalty(self, angles: Sequence[int]) -> np.ndarray:
+    def _penalty(self, angles: Sequence[int], crops: int = 0) -> np.ndarray:
+        """A rotated view, or a crop, must beat the upright whole image by a margin."""
         penalty = [0.0 if a % 360 == 0 else self.conf.rotation_penalty for a in angles]
+        penalty += [self.conf.crop_penalty] * crops
         return np.asarray(penalty, np.float32)[:, None]
 
     def _check_id(self, image_id: int) -> None:

@@ -33,6 +33,7 @@ from lookalike.cli.faults import fault
 from lookalike.cli.index_commands import cmd_index, cmd_info, cmd_remove
 from lookalike.cli.local_commands import cmd_match
 from lookalike.cli.options import (
+    CROPS_HELP,
     DEVICES,
     LOCAL_CHOICES,
     add_descriptor_options,
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", help=BOX_HELP)
     p.add_argument("--id", type=int, nargs="+", default=[], dest="ids", help="indexed ids")
     p.add_argument("--rotations", help="query angles searched, e.g. 0,90,270 (default: preset)")
+    p.add_argument("--crops", help=CROPS_HELP)
     p.add_argument("--rerank", default="", help=RERANK_HELP)
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per query")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="abstain (label '-', null in JSON) below this confidence (%(default)s)",
     )
     p.add_argument("--box", help=BOX_HELP)
+    p.add_argument("--crops", help=CROPS_HELP)
     p.add_argument(
         "--rerank", default="", help=RERANK_HELP + "; verify gives the inliers confidence"
     )

@@ -61,6 +61,29 @@ def parse_rotations(text: str) -> tuple[int, ...]:
     return angles
 
 
+CROPS_HELP = (
+    "regional query crops searched beside the whole photo, sizes as fractions of its sides, "
+    "e.g. 0.7,0.5 (2x2 and 3x3 grids); 'none': the whole photo only; default: the index's"
+)
+
+
+def parse_crops(text: str | None) -> tuple[float, ...] | None:
+    """``"0.7,0.5"`` -> crop sizes; ``"none"`` -> ``()``; None -> None (the index's)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "off", ""):
+        return ()
+    try:
+        sizes = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(not 0.1 <= s < 1 for s in sizes):
+        raise ConfigError(
+            f"--crops {text!r} must be crop sizes in [0.1, 1), e.g. 0.7,0.5, or 'none'"
+        )
+    return sizes
+
+
 def add_descriptor_options(p: argparse.ArgumentParser) -> None:
     """The options of commands that describe images into an index (``index``, ``eval``)."""
     g = p.add_argument_group("descriptor (default: the index's own settings, else 'default')")

@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lookalike.cli.options import parse_box, parse_rerank, parse_rotations, verify_overrides
+from lookalike.cli.options import (
+    parse_box,
+    parse_crops,
+    parse_rerank,
+    parse_rotations,
+    verify_overrides,
+)
 from lookalike.cli.ui import Ui, print_error, print_warning, stdout_console
 from lookalike.errors import ConfigError
 
@@ -59,7 +65,9 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
     verify = verify_overrides(args, rerank)
     many = len(args.images) + len(args.ids) > 1
     with (
-        Searcher.open(args.index, rerank, verify, device=args.device) as searcher,
+        Searcher.open(
+            args.index, rerank, verify, device=args.device, crops=parse_crops(args.crops)
+        ) as searcher,
         ui.bars() as bars,
     ):
         answers = searcher.answer(
@@ -120,7 +128,8 @@ def cmd_recognize(args: argparse.Namespace, ui: Ui) -> int:
     rerank = parse_rerank(args.rerank)
     verify = verify_overrides(args, rerank)
     queries = queries_of(args)
-    with Searcher.open(args.index, rerank, verify, device=args.device) as searcher:
+    crops = parse_crops(args.crops)
+    with Searcher.open(args.index, rerank, verify, device=args.device, crops=crops) as searcher:
         recognizer = Recognizer(
             searcher,
             k=args.k,

@@ -99,7 +99,11 @@ def evaluate_dataset(
     rankings: list[np.ndarray] = []
     elapsed = 0.0
     with Searcher.open(
-        index_dir, runtime=conf.runtime, device=conf.device, extractor=extractor
+        index_dir,
+        runtime=conf.runtime,
+        device=conf.device,
+        extractor=extractor,
+        crops=conf.query_crops,
     ) as searcher:
         # index id -> position in dataset.images; -1 for files of the index not in the dataset
         position = {str(Path(p).expanduser().resolve()): i for i, p in enumerate(dataset.images)}
@@ -131,6 +135,7 @@ def evaluate_dataset(
         "dataset": dataset.name,
         "descriptor": conf.descriptor(),
         "query_rotations": list(conf.query_rotations),
+        "query_crops": list(conf.query_crops),
         "index": structure,
         "images": len(dataset.images),
         "failed": len(report.failed),

@@ -104,6 +104,8 @@ class QueryDefaults:
 
     rotations: tuple[int, ...] = (0,)  # query angles (degrees) searched; (0,) is upright only
     rotation_penalty: float = 0.0  # subtracted from the scores of rotated views; 0 is off
+    crops: tuple[float, ...] = ()  # regional query crop sizes (ExtractConf.query_crops); () off
+    crop_penalty: float = 0.0  # subtracted from the scores of crop views
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ class Manifest:
             "query": {
                 "rotations": list(self.query.rotations),
                 "rotation_penalty": self.query.rotation_penalty,
+                "crops": list(self.query.crops),
+                "crop_penalty": self.query.crop_penalty,
             },
             "whitening": _with_sha(self.whitening),
             "checkpoint": _with_sha(self.checkpoint),
@@ -421,7 +425,18 @@ def parse_query(q: dict) -> QueryDefaults:
     angles = tuple(_int(r, "query.rotations") for r in rotations)
     if any(a % 90 for a in angles):
         raise ValueError(f"query.rotations must be multiples of 90, got {list(angles)}")
-    return QueryDefaults(angles, _number(q.get("rotation_penalty", 0.0), "query.rotation_penalty"))
+    crops = q.get("crops", [])  # absent before regional queries: none
+    if not isinstance(crops, list):
+        raise ValueError(f"query.crops must be a list of crop sizes, got {crops!r}")
+    sizes = tuple(_number(c, "query.crops") for c in crops)
+    if any(not 0 < c < 1 for c in sizes):
+        raise ValueError(f"query.crops must be fractions in (0, 1), got {list(sizes)}")
+    return QueryDefaults(
+        angles,
+        _number(q.get("rotation_penalty", 0.0), "query.rotation_penalty"),
+        sizes,
+        _number(q.get("crop_penalty", 0.0), "query.crop_penalty"),
+    )
 
 
 def parse_local(value: object) -> VerifyConf | None:
