@@ -18,7 +18,8 @@ Two measuring sticks, each searched with every configuration of ``--configs``:
   items (the instance-level part) apart from fruit and vegetables.
 
 Configurations: ``global`` (the whole photo, the default preset: the baseline),
-``crops-S1_S2`` (regional query crops of sizes S1, S2, ...), and either with ``+verify``.
+``crops-S1_S2`` (regional query crops of sizes S1, S2, ...; ``@P``: crop penalty P), and
+either with ``+verify``.
 Each reports the seconds per query. Rendered queries and indexes are kept in ``--out``.
 """
 
@@ -41,14 +42,17 @@ TILT_BINS = (("<15deg", 0, 15), ("15-30deg", 15, 30), (">=30deg", 30, 90))
 CONFIGS = "global,crops-0.7,crops-0.5,crops-0.7_0.5"
 
 
-def parse_config(name: str) -> tuple[tuple[float, ...], tuple[str, ...]]:
-    """``crops-0.7_0.5+verify`` -> ((0.7, 0.5), ("verify",))."""
+def parse_config(name: str) -> tuple[tuple[float, ...], float | None, tuple[str, ...]]:
+    """``crops-0.7_0.5@0.1+verify`` -> ((0.7, 0.5), 0.1, ("verify",)): crop sizes, the crop
+    penalty (None: the index's, 0.05) and re-ranking stages."""
     base, *rerank = name.split("+")
+    base, _, penalty = base.partition("@")
     if base == "global":
-        return (), tuple(rerank)
+        return (), None, tuple(rerank)
     if not base.startswith("crops-"):
-        raise SystemExit(f"unknown configuration {name!r}: global or crops-S1_S2[+verify]")
-    return tuple(float(s) for s in base.removeprefix("crops-").split("_")), tuple(rerank)
+        raise SystemExit(f"unknown configuration {name!r}: global or crops-S1_S2[@P][+verify]")
+    sizes = tuple(float(s) for s in base.removeprefix("crops-").split("_"))
+    return sizes, float(penalty) if penalty else None, tuple(rerank)
 
 
 def render_queries(args, out: Path) -> tuple[list[Path], list[dict], list[Path]]:
@@ -110,9 +114,9 @@ def run_queries(index_dir: Path, paths: list[str], config: str, depth: int = 100
     """(top paths per query, seconds per query) with one configuration."""
     from lookalike.search import Searcher
 
-    crops, rerank = parse_config(config)
+    crops, penalty, rerank = parse_config(config)
     tops, seconds = [], []
-    with Searcher.open(index_dir, list(rerank), crops=crops) as searcher:
+    with Searcher.open(index_dir, list(rerank), crops=crops, crop_penalty=penalty) as searcher:
         for path in paths:
             started = time.perf_counter()
             (answer,) = searcher.answer([path], k=depth)

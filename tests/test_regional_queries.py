@@ -101,6 +101,13 @@ def test_crops_are_recorded_as_the_index_search_defaults(tmp_path: Path, build) 
         assert len(views) == 3 + 9 and penalty.ravel().tolist() == pytest.approx(
             [0.0, 0.05, 0.05] + [0.1] * 9
         )
+    # indexing more with the index's own settings keeps them
+    from lookalike.cli import main
+
+    photo("camera", 200).save(folder / "more.png")
+    assert main(["index", str(folder), "--index", str(tmp_path / "index")]) == 0
+    with IndexStore.open(tmp_path / "index") as store:
+        assert store.manifest.query.crops == (0.5,) and len(store) == len(PHOTOS) + 1
     # an index written before crops existed reads as none
     assert parse_query({"rotations": [0]}) == QueryDefaults((0,), 0.0, (), 0.0)
     with pytest.raises(ValueError, match=r"query\.crops"):

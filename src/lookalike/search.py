@@ -142,6 +142,7 @@ class Searcher:
         device: str = "auto",
         extractor: Extractor | None = None,
         crops: Sequence[float] | None = None,
+        crop_penalty: float | None = None,
     ) -> Searcher:
         """A searcher over the index at ``index_dir`` (opened read-only, closed with it).
 
@@ -155,12 +156,15 @@ class Searcher:
             extractor: a ready extractor with the index's settings (saves a model load).
             crops: regional query crop sizes instead of the index's defaults (``()``: the
                 whole image only; :func:`lookalike.extract.query_crop_boxes`).
+            crop_penalty: subtracted from crop views' scores, instead of the index's.
         """
         store = IndexStore.open(index_dir)
         try:
             conf = ExtractConf.for_index(store.manifest, runtime=runtime, device=device, workers=0)
             if crops is not None:
                 conf = conf.replace(query_crops=tuple(float(c) for c in crops))
+            if crop_penalty is not None:
+                conf = conf.replace(crop_penalty=float(crop_penalty))
             resources = StageResources(store)
             stages = build_stages(rerank, resources, _device(verify, device))
             return cls(store, extractor, stages, conf=conf, resources=resources, close_store=True)

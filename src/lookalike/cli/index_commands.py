@@ -63,7 +63,11 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
     print(f"  {'whitening':<10} {'learned' if report.whitening_learned else 'not learned'}")
     if report.query_defaults_changed:
         rotations = ",".join(str(r) for r in settings.extract.query_rotations)
-        print(f"  {'queries':<10} rotations {rotations} recorded as this index's search defaults")
+        crops = ",".join(str(c) for c in settings.extract.query_crops) or "none"
+        print(
+            f"  {'queries':<10} rotations {rotations}, crops {crops} recorded as this index's "
+            "search defaults"
+        )
     if report.local_described:
         print(f"  {'local':<10} {report.local_described} images described")
     if report.missing:
@@ -114,7 +118,7 @@ def cmd_info(args: argparse.Namespace, ui: Ui) -> int:
         ("dim", info["dim"]),
         ("backend", f"{backend['backend']}: {backend['structure']}"),
         ("memory", f"{backend['memory_bytes'] / 1e6:.1f} MB"),
-        ("queries", f"rotations {info['query']['rotations']}"),
+        ("queries", f"rotations {info['query']['rotations']}, crops {info['query']['crops']}"),
         ("images", f"{counts.get('ok', 0)} ok, {counts.get('error', 0)} error"),
         ("created", info["created"]),
         ("updated", info["updated"]),

@@ -32,6 +32,8 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
             "query": {
                 "rotations": list(m.query.rotations),
                 "rotation_penalty": m.query.rotation_penalty,
+                "crops": list(m.query.crops),
+                "crop_penalty": m.query.crop_penalty,
             },
             "whitening": dataclasses.asdict(m.whitening),
             "counts": store.count(),

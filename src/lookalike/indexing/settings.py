@@ -77,11 +77,7 @@ def resolve_settings(
     if model is not None and _is_model_dir(model):
         name, conf = TRAINED, _trained_conf(model, preset, overrides)
     elif preset is None and not overrides and manifest is not None:
-        name, conf = FROM_INDEX, ExtractConf.from_descriptor(manifest.descriptor)
-        conf = conf.replace(
-            query_rotations=manifest.query.rotations,
-            rotation_penalty=manifest.query.rotation_penalty,
-        )
+        name, conf = FROM_INDEX, ExtractConf.for_index(manifest)  # its query defaults too
     else:
         name = preset or "default"
         conf = get_preset(name).replace(**overrides) if overrides else get_preset(name)
