@@ -54,9 +54,17 @@ def parent_labels(paths):
     return {str(Path(p).resolve()): {LABEL_KEY: Path(p).parent.name} for p in paths}
 
 
+def fresh(index_dir: Path) -> Path:
+    """``index_dir`` removed: an index left by an earlier run may hold another model's
+    descriptors (the index refuses them) or stale ones (sync would keep them)."""
+    shutil.rmtree(index_dir, ignore_errors=True)
+    return index_dir
+
+
 def build_index(paths, index_dir: Path, conf, labels: dict) -> float:
     from lookalike.indexing import index_files
 
+    fresh(index_dir)
     started = time.perf_counter()
     index_files(paths, index_dir, conf, metadata=lambda p: labels.get(str(p), {}))
     return time.perf_counter() - started
@@ -106,7 +114,7 @@ def stage_same(args, out: Path) -> dict:
     base_seconds = build_index(list(train_set.paths), base, get_preset("default"), labels)
     conf = train_preset("default").replace(device=args.device)
     model_dir, train_seconds = trained(out, "grocery-default", train_set, conf)
-    new = out / "same-trained.idx"
+    new = fresh(out / "same-trained.idx")
     started = time.perf_counter()
     reembed_index(base, new, extract_conf(model_dir))
     reembed_seconds = time.perf_counter() - started
@@ -140,7 +148,7 @@ def stage_same_losses(args, out: Path) -> dict:
     for loss in filter(None, args.same_losses.split(",")):
         conf = train_preset("default").replace(loss=loss, device=args.device)
         model_dir, seconds = trained(out, f"grocery-{loss}", train_set, conf)
-        new = out / f"same-{loss}.idx"
+        new = fresh(out / f"same-{loss}.idx")
         reembed_index(out / "same-base.idx", new, extract_conf(model_dir))
         info = read_info(model_dir)
         result[loss] = {
@@ -254,7 +262,7 @@ def stage_transfer(args, out: Path) -> dict:
             ("baseline", get_preset("default")),
             ("trained", extract_conf(model_dir)),
         ):
-            r = evaluate_dataset(dataset, out / f"transfer-{kind}-{name}.idx", conf)
+            r = evaluate_dataset(dataset, fresh(out / f"transfer-{kind}-{name}.idx"), conf)
             result.setdefault(kind, {})[name] = {
                 "mAP": r["metrics"]["mAP"],
                 "images": r["images"],

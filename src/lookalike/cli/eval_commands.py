@@ -89,13 +89,24 @@ def cmd_presets(args: argparse.Namespace, ui: Ui) -> int:
         print(json.dumps(tables, indent=2))
         return 0
     extract = Table(title="extract presets (--preset)", title_justify="left")
-    for column in ("name", "model", "image size", "scales", "pooling", "whitening", "rotations"):
+    columns = (
+        "name",
+        "model",
+        "image size",
+        "scales",
+        "pooling",
+        "whitening",
+        "rotations",
+        "crops",
+    )
+    for column in columns:
         extract.add_column(column)
     for name, c in tables["extract"].items():
         white = "off" if c["whitening"] is None else show(c["whitening"])
         pooling = f"gem p={c['gem_p']}" if c["pooling"] == "gem" else c["pooling"]
+        crops = show(c["query_crops"]) if c["query_crops"] else "off"
         row = (c["model"], c["image_size"], c["scales"], pooling, white, c["query_rotations"])
-        extract.add_row(name, *map(show, row))
+        extract.add_row(name, *map(show, row), crops)
     index = Table(title="index presets (--index-preset)", title_justify="left")
     for column in ("name", "backend", "factory", "nprobe", "ef_search"):
         index.add_column(column)
