@@ -298,7 +298,12 @@ def test_format_1_is_upgraded_in_place_by_a_writer(root: Path) -> None:
         np.testing.assert_array_equal(writer.search(x, 1)[1][:, 0], ids)
     on_disk = manifest_json(root)
     assert on_disk["format_version"] == 2 and on_disk["checkpoint"] == checkpoint
-    assert on_disk["query"] == {"rotations": [0, 90, 180, 270], "rotation_penalty": 0.02}
+    assert on_disk["query"] == {
+        "rotations": [0, 90, 180, 270],
+        "rotation_penalty": 0.02,
+        "crops": [],
+        "crop_penalty": 0.05,
+    }
     assert on_disk["local"] == V1_LOCAL.to_dict() and on_disk["dba"] is None
     assert on_disk["index"] == {"backend": "faiss", "factory": "Flat", "nprobe": 8,
                                 "ef_search": 100}  # fmt: skip

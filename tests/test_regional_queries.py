@@ -31,16 +31,18 @@ def test_the_crop_grid_spreads_overlapping_boxes_from_edge_to_edge() -> None:
     assert len(query_crop_boxes(640, 480, (0.7, 0.5))) == 13
 
 
-def test_crop_views_equal_describing_each_crop_alone(default_extractor) -> None:
-    image = photo("astronaut", 900).crop((0, 0, 900, 600))  # larger than image_size: the
-    #   crops are cut from a finer reading than the whole view
-    views = default_extractor.extract_query(image, rotations=(0,), crops=(0.7, 0.5))
+def test_crop_views_equal_describing_each_crop_alone(default_extractor, tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"  # larger than both readings: JPEG decoding may shrink in
+    #   the decoder, so the whole view must be read as indexing reads it
+    photo("astronaut", 1400).crop((0, 0, 1400, 933)).save(path, quality=92)
+    views = default_extractor.extract_query(path, rotations=(0,), crops=(0.7, 0.5))
     assert views.shape == (1 + 4 + 9, default_extractor.dim)
-    whole = default_extractor.extract_query(image, rotations=(0,), crops=())
-    np.testing.assert_allclose(views[0], whole[0], atol=1e-5)
-    full = read_image(image, round(512 / 0.5))
-    assert full.size == (900, 600)  # not enlarged
-    for row, box in enumerate(query_crop_boxes(900, 600, (0.7, 0.5)), start=1):
+    whole = default_extractor.extract_query(path, rotations=(0,))
+    assert whole.shape == (1, default_extractor.dim)  # no crops unless asked
+    np.testing.assert_array_equal(views[0], whole[0])
+    full = read_image(path, round(512 / 0.5))
+    assert max(full.size) == 1024
+    for row, box in enumerate(query_crop_boxes(*full.size, (0.7, 0.5)), start=1):
         crop = np.asarray(resize_long_side(full.crop(box), 512, False))
         alone = default_extractor.extract_arrays([crop]).global_[0]
         np.testing.assert_allclose(views[row], alone, atol=1e-5)
@@ -108,10 +110,17 @@ def test_crops_are_recorded_as_the_index_search_defaults(tmp_path: Path, build) 
     assert main(["index", str(folder), "--index", str(tmp_path / "index")]) == 0
     with IndexStore.open(tmp_path / "index") as store:
         assert store.manifest.query.crops == (0.5,) and len(store) == len(PHOTOS) + 1
+    # a re-embedded copy (what `lookalike train --index` makes) keeps the search defaults
+    from lookalike.indexing.reembed import reembed_index
+
+    reembed_index(tmp_path / "index", tmp_path / "copy", get_preset("upright").replace(workers=0))
+    with IndexStore.open(tmp_path / "copy") as store:
+        assert store.manifest.query == QueryDefaults((0, 90, 270), 0.05, (0.5,), 0.1)
     # an index written before crops existed reads as none
-    assert parse_query({"rotations": [0]}) == QueryDefaults((0,), 0.0, (), 0.0)
-    with pytest.raises(ValueError, match=r"query\.crops"):
-        parse_query({"rotations": [0], "crops": [1.5]})
+    assert parse_query({"rotations": [0]}) == QueryDefaults((0,), 0.0, (), 0.05)
+    for bad in ([1.5], [0.1], ["x"]):
+        with pytest.raises(ValueError, match=r"query\.crops"):
+            parse_query({"rotations": [0], "crops": bad})
 
 
 def searcher_query(folder: Path):
@@ -120,20 +129,25 @@ def searcher_query(folder: Path):
     return Query(image=folder / "rocket.png")
 
 
-@pytest.mark.parametrize("crops", [(0.0,), (1.0,), (0.05,)])
+@pytest.mark.parametrize("crops", [(0.0,), (1.0,), (0.1,)])
 def test_bad_crop_sizes_are_config_errors(crops: tuple) -> None:
     with pytest.raises(ConfigError, match="query_crops"):
         get_preset("default").replace(query_crops=crops)
 
 
-def test_cli_crops_option() -> None:
+def test_cli_crops_option(capsys) -> None:
+    from lookalike.cli import main
     from lookalike.cli.options import parse_crops
+
+    assert main(["search", "--index", "nowhere", "--id", "1", "--crops", "0.5"]) == 2
+    assert "--id queries" in capsys.readouterr().err
 
     assert parse_crops(None) is None
     assert parse_crops("none") == ()
     assert parse_crops("0.7,0.5") == (0.7, 0.5)
-    with pytest.raises(ConfigError, match="--crops"):
-        parse_crops("2")
+    for bad in ("2", "0.1", "x"):
+        with pytest.raises(ConfigError, match="--crops"):
+            parse_crops(bad)
 
 
 def test_rendered_queries_are_seeded_and_keep_the_item_in_the_frame() -> None:
@@ -146,7 +160,8 @@ def test_rendered_queries_are_seeded_and_keep_the_item_in_the_frame() -> None:
     h, w = a.shape[:2]
     assert {w, h} == {640, 480}
     assert 0.05 < ra.area < 0.7 and 0 <= ra.tilt <= 40 and abs(ra.rotation) <= 30
-    corners = np.array([[0, 0, 1], [item.shape[1], 0, 1], [item.shape[1], item.shape[0], 1]])
+    ih, iw = item.shape[:2]
+    corners = np.array([[0, 0, 1], [iw, 0, 1], [iw, ih, 1], [0, ih, 1]])
     mapped = corners @ ra.homography.T
     xy = mapped[:, :2] / mapped[:, 2:]
     assert (xy >= -1).all() and (xy[:, 0] <= w + 1).all() and (xy[:, 1] <= h + 1).all()

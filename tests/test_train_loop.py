@@ -187,7 +187,7 @@ def test_the_saved_backbone_is_the_weight_space_ensemble(labelled: Path, tmp_pat
     tuned = _weights(train(labelled, one.replace(wise=1.0), tmp_path / "tuned"))
     mixed_dir = train(labelled, one.replace(wise=0.25), tmp_path / "mixed")
     mixed = _weights(mixed_dir)
-    start = create_backbone("efficientnet_lite0").model.state_dict()
+    start = create_backbone(TINY.model).model.state_dict()
     moved = 0
     for key, value in start.items():
         name = f"backbone.model.{key}"
@@ -201,6 +201,18 @@ def test_the_saved_backbone_is_the_weight_space_ensemble(labelled: Path, tmp_pat
             assert torch.equal(mixed[key], tuned[key]), key
     wise = read_info(mixed_dir)["wise"]
     assert wise["alpha"] == 0.25 and len(wise["initial_weights"]) == 16
+
+
+def test_training_goes_on_from_the_fine_tuned_weights_not_the_ensemble(
+    labelled: Path, tmp_path: Path
+) -> None:
+    two = TINY.replace(freeze_epochs=0)  # validation after epoch 1 mixes a moved backbone
+    states = []
+    for wise in (1.0, 0.25):
+        out = train(labelled, two.replace(wise=wise), tmp_path / f"w{wise}")
+        states.append(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    moved = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
+    assert not moved, moved[:3]
 
 
 @pytest.mark.parametrize(

@@ -294,9 +294,10 @@ def run_demo(
     hits: list[list] = []
     with Searcher.open(out_dir / "index", extractor=extractor) as searcher:
         views = len(searcher.conf.query_rotations)
+        crops = ", ".join(map(str, searcher.conf.query_crops)) or "none"
         console.print(
             f"searching {len(query_paths)} queries (top {k}, {views} view(s) each: rotations "
-            f"{', '.join(map(str, searcher.conf.query_rotations))} deg) ..."
+            f"{', '.join(map(str, searcher.conf.query_rotations))} deg; regional crops {crops}) ..."
         )
         for first in range(0, len(query_paths), SEARCH_CHUNK):
             ranking = searcher.search(query_paths[first : first + SEARCH_CHUNK], k=k)

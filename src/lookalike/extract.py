@@ -25,7 +25,7 @@ from PIL import Image
 from lookalike import functional as F
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.images import Decoded, decode_many, read_image, resize_long_side
-from lookalike.index.manifest import Manifest, QueryDefaults
+from lookalike.index.manifest import Manifest, QueryDefaults, check_crops
 from lookalike.models import create_backbone
 from lookalike.pooling import create_pooling
 from lookalike.runtime import create_runner
@@ -56,7 +56,7 @@ class ExtractConf:
     rotation_penalty: float = 0.05  # subtracted from scores of rotated query views; 0 is off
     query_crops: tuple[float, ...] = ()  # regional query views: for each size (a fraction of
     #   the query's sides) a grid of overlapping crops, each searched (query_crop_boxes); () off
-    crop_penalty: float = 0.05  # subtracted from the scores of crop views
+    crop_penalty: float = QueryDefaults.crop_penalty  # subtracted from crop views' scores
     runtime: str = "auto"  # auto (ONNX on CPU, torch on CUDA), onnx, torch
     device: str = "auto"  # auto, cpu, cuda
     batch_size: int = 8  # images per forward pass (same-size images are batched together)
@@ -71,11 +71,10 @@ class ExtractConf:
             raise ConfigError(
                 f"query_rotations must be multiples of 90, got {self.query_rotations}"
             )
-        if any(not 0.1 <= c < 1 for c in self.query_crops):
-            raise ConfigError(
-                f"query_crops are crop sizes, fractions of the query's sides in [0.1, 1), "
-                f"got {self.query_crops}"
-            )
+        try:
+            check_crops(self.query_crops, "query_crops")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("batch_size must be >= 1 and workers >= 0")
         if self.pooling == TRAINED and self.weights is None:
@@ -304,24 +303,23 @@ class Extractor:
         crops: Sequence[float] | None = None,
     ) -> np.ndarray:
         """Describe one query image (a path, bytes or a PIL image; optionally cropped):
-        ``(len(rotations) + crop views, D)`` float32: one row per rotated view, then one
-        per regional crop (upright; :func:`query_crop_boxes`), each cut from the image read
-        at the resolution that describes it at ``image_size`` (default: the conf's
-        ``query_rotations`` and ``query_crops``)."""
+        ``(len(rotations) + crop views, D)`` float32: one row per rotated view (default: the
+        conf's ``query_rotations``), then one per regional crop of the sizes ``crops``
+        (default none; upright; :func:`query_crop_boxes`), each cut from the image read at
+        the resolution that describes it at ``image_size``."""
         rots = self.conf.query_rotations if rotations is None else tuple(rotations)
-        sizes = self.conf.query_crops if crops is None else tuple(crops)
-        side = self.max_side
-        # crops are cut from a larger reading of the photo, so that a crop is described
-        # with as many pixels as the whole image is (an item in a third of the frame)
-        read_side = round(side / min(sizes)) if sizes else side
-        full = read_image(image, read_side, box=box, upscale=self.conf.upscale)
-        upscale = self.conf.upscale
-        img = np.asarray(resize_long_side(full, side, upscale))
+        sizes = tuple(crops or ())
+        side, upscale = self.max_side, self.conf.upscale
+        img = np.asarray(read_image(image, side, box=box, upscale=upscale))  # as indexed
         # np.rot90 turns counter-clockwise, like PIL's rotate
         views = [np.ascontiguousarray(np.rot90(img, k=(r // 90) % 4)) for r in rots]
-        for x1, y1, x2, y2 in query_crop_boxes(full.width, full.height, sizes):
-            crop = full.crop((x1, y1, x2, y2))
-            views.append(np.asarray(resize_long_side(crop, side, upscale)))
+        if sizes:
+            # crops are cut from a larger reading of the photo, so that a crop is described
+            # with as many pixels as the whole image is (an item in a third of the frame)
+            full = read_image(image, round(side / min(sizes)), box=box, upscale=upscale)
+            for x1, y1, x2, y2 in query_crop_boxes(full.width, full.height, sizes):
+                crop = full.crop((x1, y1, x2, y2))
+                views.append(np.asarray(resize_long_side(crop, side, upscale)))
         return self.extract_arrays(views).global_
 
 

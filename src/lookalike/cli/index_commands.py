@@ -118,7 +118,10 @@ def cmd_info(args: argparse.Namespace, ui: Ui) -> int:
         ("dim", info["dim"]),
         ("backend", f"{backend['backend']}: {backend['structure']}"),
         ("memory", f"{backend['memory_bytes'] / 1e6:.1f} MB"),
-        ("queries", f"rotations {info['query']['rotations']}, crops {info['query']['crops']}"),
+        (
+            "queries",
+            f"rotations {info['query']['rotations']}, crops {info['query']['crops'] or 'none'}",
+        ),
         ("images", f"{counts.get('ok', 0)} ok, {counts.get('error', 0)} error"),
         ("created", info["created"]),
         ("updated", info["updated"]),

@@ -71,17 +71,14 @@ def parse_crops(text: str | None) -> tuple[float, ...] | None:
     """``"0.7,0.5"`` -> crop sizes; ``"none"`` -> ``()``; None -> None (the index's)."""
     if text is None:
         return None
+    from lookalike.index.manifest import check_crops
+
     if text.strip().lower() in ("none", "off", ""):
         return ()
     try:
-        sizes = tuple(float(p) for p in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or any(not 0.1 <= s < 1 for s in sizes):
-        raise ConfigError(
-            f"--crops {text!r} must be crop sizes in [0.1, 1), e.g. 0.7,0.5, or 'none'"
-        )
-    return sizes
+        return check_crops(text.split(","), f"--crops {text!r}")
+    except ValueError as error:
+        raise ConfigError(f"{error}, or 'none'") from None
 
 
 def add_descriptor_options(p: argparse.ArgumentParser) -> None:

@@ -49,6 +49,11 @@ def queries_of(args: argparse.Namespace) -> list:
             "--box crops the query IMAGE files, and --id queries take no box: give IMAGE "
             "files to crop, or drop --box"
         )
+    if getattr(args, "crops", None) and not args.images:
+        raise ConfigError(
+            "--crops searches regions of the query IMAGE files; --id queries are searched by "
+            "their stored descriptor: give IMAGE files, or drop --crops"
+        )
     box = parse_box(args.box) if args.box else None
     return [Query(image=p, box=box, name=str(p)) for p in args.images] + [
         Query(id=i) for i in getattr(args, "ids", [])
@@ -64,6 +69,7 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
     rerank = parse_rerank(args.rerank)
     verify = verify_overrides(args, rerank)
     many = len(args.images) + len(args.ids) > 1
+    queries = queries_of(args)  # bad options are refused before the index is opened
     with (
         Searcher.open(
             args.index, rerank, verify, device=args.device, crops=parse_crops(args.crops)
@@ -71,7 +77,7 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
         ui.bars() as bars,
     ):
         answers = searcher.answer(
-            queries_of(args),
+            queries,
             args.k,
             rotations,
             progress=bars.callback("searching", "query") if many else None,

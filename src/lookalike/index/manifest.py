@@ -98,6 +98,24 @@ class ModelIdentity:
     #   (Backbone.weights_id); None: not recorded yet (a format 1 index), recorded on first use
 
 
+MIN_CROP_SIZE = 0.2  # the smallest regional query crop: a 6 x 6 grid of views
+
+
+def check_crops(sizes: object, what: str = "query crops") -> tuple[float, ...]:
+    """Regional query crop sizes (fractions of the query's sides) checked: ``ValueError``
+    unless each is in [MIN_CROP_SIZE, 1)."""
+    try:
+        values = tuple(float(s) for s in sizes)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be crop sizes, got {sizes!r}") from None
+    if any(not MIN_CROP_SIZE <= s < 1 for s in values):
+        raise ValueError(
+            f"{what} must be fractions of the query's sides in [{MIN_CROP_SIZE}, 1), e.g. "
+            f"0.7, 0.5; got {list(values)}"
+        )
+    return values
+
+
 @dataclass(frozen=True)
 class QueryDefaults:
     """How queries are searched unless a call says otherwise."""
@@ -105,7 +123,16 @@ class QueryDefaults:
     rotations: tuple[int, ...] = (0,)  # query angles (degrees) searched; (0,) is upright only
     rotation_penalty: float = 0.0  # subtracted from the scores of rotated views; 0 is off
     crops: tuple[float, ...] = ()  # regional query crop sizes (ExtractConf.query_crops); () off
-    crop_penalty: float = 0.0  # subtracted from the scores of crop views
+    crop_penalty: float = 0.05  # subtracted from the scores of crop views (as ExtractConf's)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``query`` section of ``manifest.json``."""
+        return {
+            "rotations": list(self.rotations),
+            "rotation_penalty": self.rotation_penalty,
+            "crops": list(self.crops),
+            "crop_penalty": self.crop_penalty,
+        }
 
 
 @dataclass(frozen=True)
@@ -178,12 +205,7 @@ class Manifest:
             "dim": self.dim,
             "model": dataclasses.asdict(self.model),
             "index": self.index.to_dict(),
-            "query": {
-                "rotations": list(self.query.rotations),
-                "rotation_penalty": self.query.rotation_penalty,
-                "crops": list(self.query.crops),
-                "crop_penalty": self.query.crop_penalty,
-            },
+            "query": self.query.to_dict(),
             "whitening": _with_sha(self.whitening),
             "checkpoint": _with_sha(self.checkpoint),
             "local": None if self.local is None else self.local.to_dict(),
@@ -428,14 +450,12 @@ def parse_query(q: dict) -> QueryDefaults:
     crops = q.get("crops", [])  # absent before regional queries: none
     if not isinstance(crops, list):
         raise ValueError(f"query.crops must be a list of crop sizes, got {crops!r}")
-    sizes = tuple(_number(c, "query.crops") for c in crops)
-    if any(not 0 < c < 1 for c in sizes):
-        raise ValueError(f"query.crops must be fractions in (0, 1), got {list(sizes)}")
+    sizes = check_crops([_number(c, "query.crops") for c in crops], "query.crops")
     return QueryDefaults(
         angles,
         _number(q.get("rotation_penalty", 0.0), "query.rotation_penalty"),
         sizes,
-        _number(q.get("crop_penalty", 0.0), "query.crop_penalty"),
+        _number(q.get("crop_penalty", QueryDefaults.crop_penalty), "query.crop_penalty"),
     )
 
 

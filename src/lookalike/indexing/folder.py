@@ -87,7 +87,7 @@ def open_for_writing(
     The model is loaded only to create a new index (its dimension is needed); for an
     existing one the returned extractor is ``extractor`` as given, possibly None, and is
     made later only if some file needs describing. A new index records ``conf``'s
-    query-time settings (rotations) as its search defaults and is built with ``index_conf``
+    query-time settings (rotations, crops) as its search defaults and is built with ``index_conf``
     (None: :class:`IndexConf`'s defaults); an existing one is checked against it (None: any
     structure). ``local`` is checked against (and recorded as) the index's local-feature
     settings before any image is described.
@@ -135,9 +135,9 @@ def _own_settings(index_dir: str | Path, extractor: Extractor | None) -> Extract
 
 
 def _record_query_defaults(store: IndexStore, conf: ExtractConf) -> bool:
-    """Record ``conf``'s query-time settings (rotations, penalty) as the index's search
-    defaults where they differ (the descriptor is the same: they are not part of it);
-    whether they did."""
+    """Record ``conf``'s query-time settings (rotations, crops, their penalties) as the
+    index's search defaults where they differ (the descriptor is the same: they are not
+    part of it); whether they did."""
     query = conf.query_defaults()
     if query == store.manifest.query:
         return False
@@ -176,8 +176,8 @@ def index_folder(
         index_dir: index directory; created on first use.
         conf: descriptor settings; an existing index built with others is refused. None:
             the index's own for an existing index (as ``lookalike index`` without options),
-            the ``default`` preset for a new one. Its query-time settings (rotations,
-            penalty) become the index's search defaults (``query_defaults_changed``).
+            the ``default`` preset for a new one. Its query-time settings (rotations, crops,
+            penalties) become the index's search defaults (``query_defaults_changed``).
         index_conf: vector backend and structure of a new index (None: the default, exact
             faiss); an existing index built with another is refused (None: its own).
         remove_missing: drop indexed files under ``image_dir`` that no longer exist.

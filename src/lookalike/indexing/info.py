@@ -29,12 +29,7 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
             "dim": m.dim,
             "index_conf": m.index.to_dict(),
             "backend": store.stats(),
-            "query": {
-                "rotations": list(m.query.rotations),
-                "rotation_penalty": m.query.rotation_penalty,
-                "crops": list(m.query.crops),
-                "crop_penalty": m.query.crop_penalty,
-            },
+            "query": m.query.to_dict(),
             "whitening": dataclasses.asdict(m.whitening),
             "counts": store.count(),
             "created": m.created,

@@ -268,6 +268,7 @@ class _Run:
             "format": FORMAT,
             "settings": self.conf.to_dict(),
             "fingerprint": self.fingerprint,
+            "initial_weights": self.initial_hash,
             "epoch": self.epoch,
             "step": self.step_in_epoch,
             "model": self.model.state_dict(),
@@ -295,6 +296,11 @@ class _Run:
             raise ConfigError(
                 f"cannot read {path}: {error}; start again without --resume"
             ) from None
+        if "wise" not in state.get("settings", {}):
+            raise ConfigError(
+                f"{path} was written by an older lookalike (before weight-space ensembling): "
+                "start a new run in another --out"
+            )
         if state.get("settings") != self.conf.to_dict():
             raise ConfigError(
                 f"{path} was written with other training settings; resume with the same ones "
@@ -304,6 +310,11 @@ class _Run:
             raise ConfigError(
                 f"{path} was trained on other images; resume on the same data or start a new "
                 "run in another --out"
+            )
+        if state.get("initial_weights") != self.initial_hash:
+            raise ConfigError(
+                f"{path} started from other backbone weights ({state.get('initial_weights')}, "
+                f"now {self.initial_hash}): resume with the same --weights or start a new run"
             )
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
