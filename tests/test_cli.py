@@ -329,7 +329,7 @@ def test_index_says_when_it_records_other_query_defaults(small_index, tmp_path, 
     argv = ["index", folder, "--index", index, "--workers", "0", "-q", "--preset", "upright"]
     rc, out, err = cli(capsys, *argv)
     assert rc == 0, err
-    assert "rotations 0 recorded as this index's search defaults" in out
+    assert "rotations 0, crops none recorded as this index's search defaults" in out
     assert summary(out)["unchanged"] == "6"
     rc, out, _ = cli(capsys, "info", "--index", index)
     assert rc == 0 and "rotations [0]" in out
@@ -519,7 +519,8 @@ def test_info_and_presets_human_output(small_index, capsys):
     assert fields["pooling"] == get_preset("default").pooling
     assert fields["images"] == "6 ok, 0 error"
     assert fields["backend"] == "faiss: Flat"
-    assert fields["queries"] == f"rotations {list(get_preset('default').query_rotations)}"
+    rotations = list(get_preset("default").query_rotations)
+    assert fields["queries"] == f"rotations {rotations}, crops none"
     assert fields["whitening"] == "not learned yet"
     assert "local" not in fields and "dba" not in fields  # no --local, never verified
     rc, out, _ = cli(capsys, "presets")
@@ -541,7 +542,7 @@ def test_info_and_presets_human_output(small_index, capsys):
     assert [row[0] for row in tables["re-ranking"]] == list(STAGES)
     assert [row[0] for row in tables["verify"]] == list(VERIFY_PRESETS)
     fast = tables["extract"][list(EXTRACT_PRESETS).index("fast")]
-    assert fast == ["fast", "efficientnet_lite0", "384", "1.0", "gem p=3.0", "off", "0"]
+    assert fast == ["fast", "efficientnet_lite0", "384", "1.0", "gem p=3.0", "off", "0", "off"]
     assert ["ivfpq", "faiss", "IVF1024,PQ32", "16", "128"] in tables["index"]
     sqrt = tables["verify"][list(VERIFY_PRESETS).index("sqrt-inliers")]
     assert sqrt[1] == "aliked" and sqrt[-1] == "sim_sqrt_inliers"

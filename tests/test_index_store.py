@@ -47,7 +47,12 @@ def test_create_writes_a_self_describing_manifest(root: Path) -> None:
         "weights": None,
         "weights_hash": "w1",
     }
-    assert manifest["query"] == {"rotations": [0, 90], "rotation_penalty": 0.05}
+    assert manifest["query"] == {
+        "rotations": [0, 90],
+        "rotation_penalty": 0.05,
+        "crops": [],
+        "crop_penalty": 0.05,
+    }
     assert manifest["whitening"] == {"learned": False, "dim_out": None, "epoch": 0}
     assert manifest["local"] is None and manifest["dba"] is None
     assert set(manifest["versions"]) == {"lookalike", "faiss", "numpy", "python"}

@@ -307,6 +307,8 @@ def test_info_describes_the_index(small_index, default_extractor):
     assert info["query"] == {
         "rotations": list(conf.query_rotations),
         "rotation_penalty": conf.rotation_penalty,
+        "crops": [],
+        "crop_penalty": conf.crop_penalty,
     }
     assert info["whitening"]["learned"] is False  # 6 images are too few to learn one
     assert info["counts"] == {"ok": 6, "error": 0} and info["failed"] == []

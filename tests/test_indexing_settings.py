@@ -163,7 +163,12 @@ def test_other_query_settings_become_the_index_defaults(
     report = index_folder(folder, index, upright)
     assert report.query_defaults_changed is True and report.unchanged == 3
     assert report.to_dict()["query_defaults_changed"] is True
-    assert index_info(index)["query"] == {"rotations": [0], "rotation_penalty": 0.05}
+    assert index_info(index)["query"] == {
+        "rotations": [0],
+        "rotation_penalty": 0.05,
+        "crops": [],
+        "crop_penalty": 0.05,
+    }
     assert index_folder(folder, index, upright).query_defaults_changed is False
     # given no settings, or only an extractor, the index keeps its own
     assert index_folder(folder, index).query_defaults_changed is False
