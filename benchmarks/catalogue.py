@@ -26,7 +26,6 @@ Each reports the seconds per query. Rendered queries and indexes are kept in ``-
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -164,13 +163,12 @@ def stick_generated(args, out: Path, configs: list[str]) -> dict:
 
 
 def stick_grocery(args, out: Path, configs: list[str]) -> dict:
+    from lookalike.evaluate.datasets import grocery_classes
+
     root = args.data / "grocery"
-    gallery, labels = [], {}
-    with open(root / "classes.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            path = (root / row["Iconic Image Path (str)"].lstrip("/")).resolve()
-            gallery.append(path)
-            labels[str(path)] = row["Class Name (str)"]
+    classes = grocery_classes(root)
+    gallery = [c.iconic for c in classes]
+    labels = {str(c.iconic): c.name for c in classes}
     index_dir = out / "grocery-iconic.idx"
     build_index(gallery, index_dir, labels)
     queries = sorted((root / "val").rglob("*.jpg"))

@@ -35,7 +35,6 @@ run can be done in parts; ``--again`` recomputes):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -164,17 +163,14 @@ def stage_same_losses(args, out: Path) -> dict:
 
 
 def stage_iconic(args, out: Path) -> dict:
+    from lookalike.evaluate.datasets import grocery_classes
     from lookalike.extract import get_preset
     from lookalike.labels import LABEL_KEY
     from lookalike.train.model_dir import extract_conf
 
-    root = args.data / "grocery"
-    gallery, labels = [], {}
-    with open(root / "classes.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            path = (root / row["Iconic Image Path (str)"].lstrip("/")).resolve()
-            gallery.append(path)
-            labels[str(path)] = {LABEL_KEY: row["Class Name (str)"]}
+    classes = grocery_classes(args.data / "grocery")
+    gallery = [c.iconic for c in classes]
+    labels = {str(c.iconic): {LABEL_KEY: c.name} for c in classes}
     _, val_set = grocery(args.data)
     queries = list(val_set.paths)
     truth = [val_set.classes[t] for t in val_set.targets]
@@ -187,17 +183,14 @@ def stage_iconic(args, out: Path) -> dict:
     return result
 
 
-def stage_disjoint(args, out: Path) -> dict:
-    from lookalike.evaluate.labelled import labelled_metrics
-    from lookalike.extract import get_preset
-    from lookalike.index import IndexStore
-    from lookalike.labels import label_of
-    from lookalike.train.conf import parse_sizes, train_preset
+def disjoint_split(data: Path):
+    """The class-disjoint protocol: (the train photos of the 41 classes of even class id,
+    relabelled 0..40; every photo, train and val, of the 40 of odd id)."""
+    from lookalike.evaluate.datasets import grocery_classes
     from lookalike.train.data import LabelledImages
-    from lookalike.train.model_dir import extract_conf
 
-    train_set, val_set = grocery(args.data)
-    ids = {name: i for i, name in enumerate(_class_ids(args.data))}
+    train_set, val_set = grocery(data)
+    ids = {c.name: c.id for c in grocery_classes(data / "grocery")}
     seen = {c for c in train_set.classes if ids[c] % 2 == 0}
     rows = [i for i, t in enumerate(train_set.targets) if train_set.classes[t] in seen]
     part = train_set.subset(rows)
@@ -206,16 +199,33 @@ def stage_disjoint(args, out: Path) -> dict:
     part = LabelledImages(part.paths, tuple(index[part.classes[t]] for t in part.targets), names)
     test = [p for s in (train_set, val_set) for p, t in zip(s.paths, s.targets, strict=True)
             if s.classes[t] not in seen]  # fmt: skip
-    labels = parent_labels(test)
+    return part, test
+
+
+def unseen_metrics(test, index_dir: Path, conf, nmi: bool = False, worst: int = 0):
+    """``test`` indexed with ``conf`` into ``index_dir``, each image against the others:
+    :func:`~lookalike.evaluate.labelled.labelled_metrics` of the stored vectors."""
+    from lookalike.evaluate.labelled import labelled_metrics
+    from lookalike.index import IndexStore
+    from lookalike.labels import label_of
+
+    build_index(test, index_dir, conf, parent_labels(test))
+    with IndexStore.open(index_dir) as store:
+        records = [r for r in store.records() if r.status == "ok"]
+        x = store.vector_source().vectors([r.id for r in records])
+        y = [label_of(r.metadata) for r in records]
+    return labelled_metrics(x, y, (1, 5), nmi=nmi, worst=worst)
+
+
+def stage_disjoint(args, out: Path) -> dict:
+    from lookalike.extract import get_preset
+    from lookalike.train.conf import parse_sizes, train_preset
+    from lookalike.train.model_dir import extract_conf
+
+    part, test = disjoint_split(args.data)
 
     def measure(conf, tag: str) -> dict:
-        idx = out / f"disjoint-{tag}.idx"
-        build_index(test, idx, conf, labels)
-        with IndexStore.open(idx) as store:
-            records = [r for r in store.records() if r.status == "ok"]
-            x = store.vector_source().vectors([r.id for r in records])
-            y = [label_of(r.metadata) for r in records]
-        report = labelled_metrics(x, y, (1, 5), nmi=True, worst=3)
+        report = unseen_metrics(test, out / f"disjoint-{tag}.idx", conf, nmi=True, worst=3)
         return {
             "recall_at_1": report.recall_at[1],
             "map_at_r": report.map_at_r,
@@ -225,7 +235,7 @@ def stage_disjoint(args, out: Path) -> dict:
         }
 
     result = {
-        "train_classes": len(names),
+        "train_classes": len(part.classes),
         "train_images": len(part),
         "test_classes": len({Path(p).parent.name for p in test}),
         "test_images": len(test),
@@ -244,12 +254,6 @@ def stage_disjoint(args, out: Path) -> dict:
         }
         _save(out / "disjoint.partial.json", result)
     return result
-
-
-def _class_ids(data: Path) -> list[str]:
-    with open(data / "grocery" / "classes.csv", newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: int(r["Class ID (int)"]))
-    return [r["Class Name (str)"] for r in rows]
 
 
 def stage_transfer(args, out: Path) -> dict:
@@ -281,15 +285,13 @@ def _mixed_model(model_dir: Path, alpha: float, dest: Path) -> Path:
     import torch
 
     from lookalike.models import create_backbone, tensor_hash
+    from lookalike.train.loop import weight_space_ensemble
     from lookalike.train.model_dir import CHECKPOINT, read_info, write_json, write_torch
 
     info = read_info(model_dir)
-    state = dict(torch.load(model_dir / CHECKPOINT, weights_only=False)["model"])
+    tuned = torch.load(model_dir / CHECKPOINT, weights_only=False)["model"]
     start = create_backbone(info["settings"]["model"], info["settings"]["weights"])
-    for key, value in start.state_dict().items():
-        if value.is_floating_point():
-            state[f"backbone.{key}"] = torch.lerp(value, state[f"backbone.{key}"], alpha)
-    state = {k: v.contiguous() for k, v in state.items()}
+    state = weight_space_ensemble(tuned, start.state_dict(), alpha)
     dest.mkdir(parents=True, exist_ok=True)
     write_torch(dest / "weights.pt", state)
     write_json(
@@ -302,15 +304,10 @@ def stage_wise(args, out: Path) -> dict:
     """How the default ``wise`` was chosen: the last epoch of the ``same`` and ``disjoint``
     ``arcface`` models mixed with their starting weights at ``--wise-alphas``, measured on
     both protocols (same-class P@1 / mAP on val; class-disjoint R@1 / mAP@R)."""
-    from lookalike.evaluate.labelled import labelled_metrics
-    from lookalike.index import IndexStore
-    from lookalike.labels import label_of
     from lookalike.train.model_dir import extract_conf
 
     train_set, val_set = grocery(args.data)
-    ids = {name: i for i, name in enumerate(_class_ids(args.data))}
-    test = [p for s in (train_set, val_set) for p, t in zip(s.paths, s.targets, strict=True)
-            if ids[s.classes[t]] % 2 == 1]  # fmt: skip
+    _, test = disjoint_split(args.data)
     result = {}
     for alpha in (float(a) for a in args.wise_alphas.split(",")):
         same = _mixed_model(out / "grocery-default", alpha, out / f"wise-same-{alpha}")
@@ -319,13 +316,7 @@ def stage_wise(args, out: Path) -> dict:
         truth = [val_set.classes[t] for t in val_set.targets]
         row = {"same": score(idx, list(val_set.paths), truth)}
         unseen = _mixed_model(out / "disjoint-arcface", alpha, out / f"wise-disjoint-{alpha}")
-        idx = out / f"wise-disjoint-{alpha}.idx"
-        build_index(test, idx, extract_conf(unseen), parent_labels(test))
-        with IndexStore.open(idx) as store:
-            records = [r for r in store.records() if r.status == "ok"]
-            x = store.vector_source().vectors([r.id for r in records])
-            y = [label_of(r.metadata) for r in records]
-        report = labelled_metrics(x, y, (1,))
+        report = unseen_metrics(test, out / f"wise-disjoint-{alpha}.idx", extract_conf(unseen))
         row["disjoint"] = {"recall_at_1": report.recall_at[1], "map_at_r": report.map_at_r}
         result[str(alpha)] = row
         same_row, unseen_row = row["same"], row["disjoint"]

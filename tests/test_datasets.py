@@ -264,3 +264,18 @@ def test_real_holidays() -> None:
     assert (n_images, n_queries, n_pos) == (805, 295, 495)
     assert table["mAP"] == 100.0
     assert table["queries"] == 295
+
+
+def test_grocery_classes_read_in_class_id_order(tmp_path: Path) -> None:
+    from lookalike.evaluate.datasets import grocery_classes
+
+    header = "Class Name (str),Class ID (int),Coarse Class Name (str),Iconic Image Path (str)\n"
+    (tmp_path / "classes.csv").write_text(
+        header + "Oatly,1,Milk,/iconic/Packages/Oatly/Oatly_Iconic.jpg\n"
+        "Kiwi,0,Kiwi,/iconic/Fruit/Kiwi/Kiwi_Iconic.jpg\n"
+    )
+    classes = grocery_classes(tmp_path)
+    assert [(c.name, c.id) for c in classes] == [("Kiwi", 0), ("Oatly", 1)]
+    assert classes[1].iconic == (tmp_path / "iconic/Packages/Oatly/Oatly_Iconic.jpg").resolve()
+    with pytest.raises(ConfigError, match=r"classes\.csv"):
+        grocery_classes(tmp_path / "nowhere")

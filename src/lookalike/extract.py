@@ -121,13 +121,18 @@ class ExtractConf:
     @classmethod
     def for_index(cls, manifest: Manifest, **overrides: object) -> ExtractConf:
         """What describes queries of an index: its descriptor and its query defaults."""
-        query = {
-            "query_rotations": tuple(manifest.query.rotations),
-            "rotation_penalty": manifest.query.rotation_penalty,
-            "query_crops": tuple(manifest.query.crops),
-            "crop_penalty": manifest.query.crop_penalty,
-        }
-        return cls.from_descriptor(manifest.descriptor, **{**query, **overrides})
+        conf = cls.from_descriptor(manifest.descriptor).with_query(manifest.query)
+        return conf.replace(**overrides) if overrides else conf
+
+    def with_query(self, query: QueryDefaults) -> ExtractConf:
+        """A copy whose query-time fields are ``query`` (the inverse of
+        :meth:`query_defaults`)."""
+        return self.replace(
+            query_rotations=tuple(query.rotations),
+            rotation_penalty=query.rotation_penalty,
+            query_crops=tuple(query.crops),
+            crop_penalty=query.crop_penalty,
+        )
 
     def replace(self, **changes: object) -> ExtractConf:
         """A copy with some fields changed (validated)."""

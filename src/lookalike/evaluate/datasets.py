@@ -223,6 +223,37 @@ def apply_exclusions(ranking: np.ndarray, query: Query) -> np.ndarray:
     return ranking[~np.isin(ranking, np.asarray(query.exclude, dtype=np.int64))]
 
 
+@dataclass(frozen=True)
+class GroceryClass:
+    """One fine class of the Grocery Store dataset (``classes.csv``)."""
+
+    name: str
+    id: int
+    iconic: Path  # its one clean product image
+
+
+def grocery_classes(root: str | Path) -> list[GroceryClass]:
+    """The Grocery Store dataset's classes (Klasson et al. 2019) from ``root/classes.csv``,
+    in class-id order."""
+    import csv
+
+    root = Path(root)
+    path = root / "classes.csv"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; pass the Grocery Store dataset's folder")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [
+        GroceryClass(
+            r["Class Name (str)"],
+            int(r["Class ID (int)"]),
+            (root / r["Iconic Image Path (str)"].lstrip("/")).resolve(),
+        )
+        for r in rows
+    ]
+    return sorted(classes, key=lambda c: c.id)
+
+
 DATASETS: dict[str, Callable[[str | Path], RetrievalDataset]] = {
     "oxford5k": load_oxford,
     "paris6k": load_oxford,

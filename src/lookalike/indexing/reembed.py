@@ -47,13 +47,7 @@ def reembed_index(
     with IndexStore.open(src) as old:
         records = sorted(old.records(), key=lambda r: r.id)
         index_conf, local, query = old.conf, old.manifest.local, old.manifest.query
-    # the old index's search defaults (rotations, crops) stay those of the new one
-    conf = conf.replace(
-        query_rotations=query.rotations,
-        rotation_penalty=query.rotation_penalty,
-        query_crops=query.crops,
-        crop_penalty=query.crop_penalty,
-    )
+    conf = conf.with_query(query)  # the old index's search defaults stay the new one's
     store, extractor = open_for_writing(dst, conf, index_conf, extractor, local)
     try:
         done = {r.fs_path for r in store.records()}

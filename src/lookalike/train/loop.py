@@ -358,19 +358,9 @@ class _Run:
         }
 
     def ensembled_state(self) -> dict[str, torch.Tensor]:
-        """The model's state with its backbone mixed with the starting weights:
-        ``(1 - wise) * initial + wise * fine-tuned`` (WiSE-FT, Wortsman et al. 2022; written
-        here: timm and PML have no such step). The head has no starting point worth mixing
-        (it began random) and is kept as trained."""
-        wise = self.conf.wise
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        if wise == 1.0:
-            return state
-        for key, start in self.initial.items():
-            name = f"backbone.{key}"
-            if start.is_floating_point():  # not batch norm's step counters
-                state[name] = torch.lerp(start, state[name].to(start.dtype), wise)
-        return state
+        """The model's state as it is saved: :func:`weight_space_ensemble` with the
+        starting weights at ``conf.wise``."""
+        return weight_space_ensemble(self.model.state_dict(), self.initial, self.conf.wise)
 
     @contextlib.contextmanager
     def ensembled(self) -> Iterator[None]:
@@ -577,6 +567,24 @@ class _Run:
         }
 
 
+def weight_space_ensemble(
+    state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """A descriptor model's ``state`` (on the CPU) with its backbone mixed with the weights
+    training started from (``initial``, the backbone's state dict):
+    ``(1 - alpha) * initial + alpha * fine-tuned`` (WiSE-FT, Wortsman et al. 2022; written
+    here: timm and PML have no such step). The head has no starting point worth mixing (it
+    began random) and is kept as trained."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if alpha == 1.0:
+        return state
+    for key, start in initial.items():
+        name = f"backbone.{key}"
+        if start.is_floating_point():  # not batch norm's step counters
+            state[name] = torch.lerp(start, state[name].to(start.dtype), alpha)
+    return state
+
+
 def _score(val: dict | None) -> float:
     """What picks the best epoch: mAP@R then Recall@1 on validation; without validation
     the last epoch wins (every epoch scores the same)."""
@@ -585,4 +593,4 @@ def _score(val: dict | None) -> float:
     return val["map_at_r"] + 1e-3 * val["recall_at_1"]
 
 
-__all__ = ["Progress", "TrainingInterrupted", "train", "training_splits"]
+__all__ = ["Progress", "TrainingInterrupted", "train", "training_splits", "weight_space_ensemble"]
