@@ -36,11 +36,16 @@ SIDE = 256  # test images are SIDE x SIDE: fast on a shared 2-core machine
 H_TRUE = np.array([[0.9, 0.1, 20.0], [-0.08, 0.95, 25.0], [2e-4, 1e-4, 1.0]])
 
 
+def weights_for(name: str) -> Path:
+    """The checkpoint of an ALIKED extractor (``aliked``, ``aliked-n16rot``)."""
+    return WEIGHTS.with_name("aliked-n16rot.pth") if name == "aliked-n16rot" else WEIGHTS
+
+
 def _skip_reason(name: str) -> str | None:
     if name == "akaze" and not akaze_available():
         return f"OpenCV {cv2.__version__} has no AKAZE (contrib build or OpenCV < 5 needed)"
-    if name == "aliked" and not WEIGHTS.is_file():
-        return f"ALIKED weights {WEIGHTS} are missing"
+    if name.startswith("aliked") and not weights_for(name).is_file():
+        return f"ALIKED weights {weights_for(name)} are missing"
     return None
 
 
@@ -63,7 +68,7 @@ def extractors(one_torch_thread: None) -> dict:
         if _skip_reason(name):
             out[name] = None
             continue
-        weights = WEIGHTS if name == "aliked" else None
+        weights = weights_for(name) if name.startswith("aliked") else None
         out[name] = create_local_extractor(name, max_keypoints=512, max_side=SIDE, weights=weights)
     return out
 
@@ -154,7 +159,7 @@ def test_unrelated_and_flat_images_give_few_inliers(
     # any matches, chance adds a few
     assert verify_pair(f["photo"], f["unrelated"]).inliers < 12
     flat = f["flat"]
-    if name != "aliked":  # a detector on a constant image finds nothing
+    if not name.startswith("aliked"):  # a detector on a constant image finds nothing
         assert len(flat[KEYPOINTS]) == 0 and flat[DESCRIPTORS].shape == (0, extractors[name].dim)
     for other in ("photo", "unrelated"):
         assert verify_pair(flat, f[other]).inliers == 0
@@ -353,3 +358,31 @@ def test_default_local_features_need_no_download(offline: list, tmp_path, caplog
     out = json.loads(capsys.readouterr().out)
     assert out["features"] == "rootsift" and out["inliers"] >= 20
     assert offline == []
+
+
+def test_cli_choices_name_the_registries() -> None:
+    """The CLI spells the choices out (so `--help` imports no OpenCV): they must be the
+    registered names."""
+    from lookalike.cli.options import FUSION_CHOICES, LOCAL_CHOICES
+    from lookalike.local.matching import FUSIONS
+
+    assert tuple(LOCAL_FEATURES) == LOCAL_CHOICES
+    assert tuple(FUSIONS) == FUSION_CHOICES
+
+
+def test_rotation_robust_aliked_is_its_own_feature_set() -> None:
+    """``aliked-n16rot`` loads its own checkpoint and is recorded under its own name and
+    model, so an index never mixes it with ``aliked``."""
+    from lookalike.local.conf import VerifyConf, local_preset
+
+    conf = local_preset("aliked-n16rot")
+    assert conf.features == "aliked-n16rot" and conf.max_keypoints == 512
+    settings = conf.feature_settings()
+    assert settings["name"] == "aliked-n16rot" and settings["model"] == "aliked-n16rot"
+    assert settings != VerifyConf().feature_settings()
+    if _skip_reason("aliked-n16rot"):
+        pytest.skip(_skip_reason("aliked-n16rot"))
+    extractor = conf.replace(weights=str(weights_for("aliked-n16rot"))).create_extractor()
+    assert extractor.settings() == settings
+    feats = extractor(_photo())
+    assert len(feats[KEYPOINTS]) == 512 and feats[DESCRIPTORS].shape == (512, 128)

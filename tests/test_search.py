@@ -274,7 +274,7 @@ class FakeFeatures:
         self.timings: dict[str, float] = {}
         self.asked: list[str] = []
 
-    def of_query(self, query: Query) -> dict:
+    def of_query(self, query: Query, side=None, keypoints=None) -> dict:
         self.asked.append(query.label)
         return {"query": query.label}
 

@@ -43,7 +43,7 @@ from lookalike.query import Query, QueryContext
 from lookalike.ranking import NOT_VERIFIED, Ranking
 from lookalike.recognize import Recognizer
 from lookalike.rerank import resolve_names
-from lookalike.rerank.verify import QUERY_FEATURES, GeometricVerifier
+from lookalike.rerank.verify import GeometricVerifier
 from lookalike.search import Searcher
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera")
@@ -206,7 +206,8 @@ class FixedVerifier(GeometricVerifier):
     """The stage with given inlier counts instead of images."""
 
     def __init__(self, counts: dict[int, int], conf: VerifyConf) -> None:
-        super().__init__(SimpleNamespace(conf=conf, timings={}), conf)  # type: ignore[arg-type]
+        features = SimpleNamespace(conf=conf, timings={}, of_query=lambda *args: None)
+        super().__init__(features, conf)  # type: ignore[arg-type]
         self.counts = counts
         self.asked: list[int] = []
 
@@ -217,8 +218,8 @@ class FixedVerifier(GeometricVerifier):
 
 def context(features: dict | None = None) -> QueryContext:
     """A query whose local features are already known (``None``: a vector query)."""
-    query = Query(vector=np.ones(4, np.float32))
-    return QueryContext(query, np.ones(4, np.float32), {QUERY_FEATURES: features})
+    query = Query(vector=np.ones(4, np.float32), features=features)
+    return QueryContext(query, np.ones(4, np.float32))
 
 
 @pytest.mark.parametrize("fusion", ["inliers", "sim_sqrt_inliers", "sim_plus_inliers"])
@@ -365,6 +366,57 @@ def test_cropped_query_is_detected_at_its_whole_image_scale(collection, tmp_path
     assert feats["image_size"] == (320, 320)  # keypoints in pixels of the crop
     assert feats["keypoints"].max() < 320
     assert top == "astronaut.png" and got.inliers[0, 0] >= 20
+
+
+def test_query_detection_side_and_budget(collection, tmp_path):
+    """``query_side`` resizes the whole query photo (up, too) before detection and
+    ``query_keypoints`` sets its budget; keypoints stay in pixels of the photo, the database
+    images' extractor is untouched, and each setting's features are computed once."""
+    small = tmp_path / "small.png"
+    photo("astronaut", 200).save(small)
+    with Searcher.open(collection["index"], ["verify"]) as searcher:
+        features = searcher.stages[-1].features
+        native = features.of_query(Query(image=small))
+        large = features.of_query(Query(image=small), side=640, keypoints=2000)
+        few = features.of_query(Query(image=small), side=640, keypoints=50)
+        crop = features.of_query(Query(image=small, box=(0, 0, 100, 100)), side=640)
+        assert features.extractor.max_side == features.conf.max_side
+    assert len(large["keypoints"]) > 2 * len(native["keypoints"])  # 3.2x larger: more detail
+    assert len(few["keypoints"]) == 50
+    for feats, side in ((large, 200), (crop, 100)):
+        assert feats["image_size"] == (side, side)
+        assert feats["keypoints"].min() >= -0.5 and feats["keypoints"].max() < side
+    np.testing.assert_allclose(few["keypoints"], large["keypoints"][:50], atol=1e-4)
+
+    conf = VerifyConf(features="orb", query_side=640, query_keypoints=300)
+    calls = []
+
+    class Counting:
+        def of_query(self, query, side, keypoints):
+            calls.append((side, keypoints))
+            return {"asked": (side, keypoints)}
+
+    from lookalike.rerank.verify import query_features
+
+    ctx = QueryContext(Query(image=small), np.ones(4, np.float32))
+    first = query_features(ctx, Counting(), conf)  # type: ignore[arg-type]
+    again = query_features(ctx, Counting(), conf)  # type: ignore[arg-type]
+    other = query_features(ctx, Counting(), conf.replace(query_side=None))  # type: ignore
+    assert first is again and first["asked"] == (640, 300)
+    assert other["asked"] == (None, 300) and calls == [(640, 300), (None, 300)]
+
+
+def test_query_detection_settings_are_validated():
+    assert VerifyConf().query_detection() == (None, 512)
+    assert VerifyConf(query_side=1024, query_keypoints=2048).query_detection() == (1024, 2048)
+    for bad in (
+        {"query_side": 16},
+        {"query_side": 0},
+        {"query_keypoints": -1},
+        {"query_side": True},
+    ):
+        with pytest.raises(ConfigError, match="query_"):
+            VerifyConf(**bad)
 
 
 def test_empty_and_one_image_indexes(tmp_path):
@@ -543,7 +595,7 @@ def test_cli_local_option_errors(collection, tmp_path, capsys):
     )  # fmt: skip
     assert rc == 2 and "nope" in err and "aqe" in err
     rc, _, err = cli(capsys, "search", "--index", collection["index"], collection["warped"],
-                     "--fusion", "inliers")  # fmt: skip
+                     "--fusion", "inliers", "--rerank", "none")  # fmt: skip
     assert rc == 2 and "--fusion apply to verification: add --rerank verify" in err
 
 

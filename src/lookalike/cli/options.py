@@ -16,7 +16,7 @@ from lookalike.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 # Spelled out so that `lookalike --help` imports no OpenCV; tests compare them with the
 # registries (lookalike.local.LOCAL_FEATURES, lookalike.local.FUSIONS).
-LOCAL_CHOICES = ("sift", "rootsift", "orb", "akaze", "aliked")
+LOCAL_CHOICES = ("sift", "rootsift", "orb", "akaze", "aliked", "aliked-n16rot")
 FUSION_CHOICES = ("inliers", "sim_sqrt_inliers", "sim_plus_inliers")
 BACKEND_CHOICES = ("faiss", "numpy")  # lookalike.index.conf.BACKEND_NAMES
 
@@ -165,7 +165,7 @@ def index_verify_conf(args: argparse.Namespace):  # -> VerifyConf | None
     )
 
 
-def verify_overrides(args: argparse.Namespace, rerank: list[str]) -> dict:
+def verify_overrides(args: argparse.Namespace, rerank: list[str] | str) -> dict:
     """Changes that ``search`` / ``recognize`` options make to the index's verify settings.
 
     Raises:
@@ -178,13 +178,18 @@ def verify_overrides(args: argparse.Namespace, rerank: list[str]) -> dict:
         for k in ("local", "local_weights", "verify_budget", "fusion")
         if getattr(args, k) is not None
     ]
-    if given and "verify" not in rerank:
+    if given and rerank != "auto" and "verify" not in rerank:
         raise ConfigError(f"{', '.join(given)} apply to verification: add --rerank verify")
     return verify_changes(
         args.local, args.local_weights, args.verify_budget, args.fusion, args.device
     )
 
 
-def parse_rerank(text: str) -> list[str]:
-    """``"dba,alpha-qe,verify"`` -> stage names (validated when the searcher builds them)."""
+def parse_rerank(text: str) -> list[str] | str:
+    """``"dba,alpha-qe,verify"`` -> stage names (validated when the searcher builds them);
+    ``"auto"`` stays ``"auto"`` (the small-gallery default); ``"none"`` -> no stage."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip().lower() in ("none", "off"):
+        return []
     return [name.strip() for name in text.split(",") if name.strip()]

@@ -54,15 +54,22 @@ class VerifyConf:
     fusion: str = "sim_plus_inliers"  # how similarity and inliers make the score, a FUSIONS
     #   key ("sim_sqrt_inliers" is similarity * sqrt(inliers))
     device: str = "cpu"  # where a learned extractor runs: "cpu", "cuda", "auto"
+    query_side: int | None = None  # long side, px, a query photo is detected at (up- or
+    #   downscaled); None: the scale its whole image is described at in the index (max_side)
+    query_keypoints: int | None = None  # keypoints kept for a query; None: max_keypoints
 
     def __post_init__(self) -> None:
         local_feature_class(self.features)  # unknown names list the valid ones
-        for name in ("max_keypoints", "max_side", "budget"):
+        for name in ("max_keypoints", "max_side", "budget", "query_side", "query_keypoints"):
             value = getattr(self, name)
+            if value is None and name.startswith("query_"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_side < 32:
-            raise ConfigError(f"max_side must be at least 32 pixels, got {self.max_side}")
+        for name in ("max_side", "query_side"):
+            value = getattr(self, name)
+            if value is not None and value < 32:
+                raise ConfigError(f"{name} must be at least 32 pixels, got {value}")
         if not (isinstance(self.ratio, int | float) and 0.0 < self.ratio <= 1.0):
             raise ConfigError(f"ratio must be in (0, 1] (1 switches it off), got {self.ratio!r}")
         if self.model not in MIN_MATCHES:
@@ -73,7 +80,7 @@ class VerifyConf:
             raise ConfigError(f"threshold_px must be positive, got {self.threshold_px!r}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}")
-        if self.weights is not None and self.features != "aliked":
+        if self.weights is not None and not self.features.startswith("aliked"):
             raise ConfigError(f"local features {self.features!r} take no weights (only aliked)")
 
     def replace(self, **changes: Any) -> VerifyConf:
@@ -98,18 +105,28 @@ class VerifyConf:
         settings.update(max_keypoints=self.max_keypoints, max_side=self.max_side)
         return settings
 
+    def query_detection(self) -> tuple[int | None, int]:
+        """``(long side or None, keypoints)`` a query photo is detected with."""
+        return self.query_side, self.query_keypoints or self.max_keypoints
+
     @property
     def quantize(self) -> bool:
         """Whether the stored descriptors are quantised (RootSIFT as uint8: lossless enough)."""
         return self.features == "rootsift"
 
-    def create_extractor(self):  # -> LocalExtractor (lazy import keeps torch out)
-        """The local feature extractor these settings describe."""
+    def create_extractor(self, max_keypoints: int | None = None, max_side: int | None = None):
+        """The local feature extractor these settings describe (``max_keypoints``,
+        ``max_side``: another budget and size, for queries). Returns a ``LocalExtractor``
+        (imported lazily: it keeps torch out)."""
         from lookalike.local.features import create_local_extractor
 
         weights = Path(self.weights).expanduser() if self.weights else None
         return create_local_extractor(
-            self.features, self.max_keypoints, self.max_side, self.device, weights
+            self.features,
+            max_keypoints or self.max_keypoints,
+            max_side or self.max_side,
+            self.device,
+            weights,
         )
 
 

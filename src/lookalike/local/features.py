@@ -325,6 +325,23 @@ class ALIKEDExtractor(LocalExtractor):
         )
 
 
+class ALIKEDRotExtractor(ALIKEDExtractor):
+    """ALIKED trained with rotation augmentation (``aliked-n16rot``): for photos rotated in
+    the plane (a phone held askew), at the same cost as ``aliked``; its own checkpoint
+    (``aliked-n16rot.pth``)."""
+
+    name = "aliked-n16rot"
+
+    def __init__(
+        self,
+        max_keypoints: int = 1024,
+        max_side: int = 1024,
+        device: str = "cpu",
+        weights: str | Path | None = None,
+    ) -> None:
+        super().__init__(max_keypoints, max_side, device, weights, model="aliked-n16rot")
+
+
 def _load_aliked(
     model: str, max_keypoints: int, device: str, weights: str | Path | None
 ) -> torch.nn.Module:
@@ -442,6 +459,7 @@ LOCAL_FEATURES: dict[str, type[LocalExtractor]] = {
     "orb": ORBExtractor,
     "akaze": AKAZEExtractor,
     "aliked": ALIKEDExtractor,
+    "aliked-n16rot": ALIKEDRotExtractor,
 }
 
 
@@ -469,8 +487,8 @@ def default_local_settings(name: str) -> dict[str, Any]:
         "dim": cls.dim,
         "binary": cls.binary,
     }
-    if cls is ALIKEDExtractor:
-        settings["model"] = "aliked-n16"
+    if issubclass(cls, ALIKEDExtractor):
+        settings["model"] = "aliked-n16rot" if cls is ALIKEDRotExtractor else "aliked-n16"
     return settings
 
 
@@ -495,8 +513,8 @@ def create_local_extractor(
             checkpoint, or AKAZE on an OpenCV build without it.
     """
     cls = local_feature_class(name)
-    if cls is ALIKEDExtractor:
-        return ALIKEDExtractor(max_keypoints, max_side, device=device, weights=weights)
+    if issubclass(cls, ALIKEDExtractor):
+        return cls(max_keypoints, max_side, device=device, weights=weights)
     if weights is not None:
         raise ConfigError(f"local features {name!r} take no weights (only aliked does)")
     return cls(max_keypoints, max_side)

@@ -6,8 +6,11 @@ computed from the image files on first use and cached in ``<index>/local`` when 
 writer lock is free and its directory writable, in memory otherwise.
 
 A query's features are detected from its image (a path, bytes or a PIL image, cropped to
-its box) at the scale its whole image would be described at; an indexed image used as the
-query brings its stored features; precomputed ones (``Query.features``) are taken as given.
+its box) at the scale its whole image would be described at, or at another long side with
+another keypoint budget (``VerifyConf.query_side`` / ``query_keypoints``: a phone photo in
+which the item fills a third of the frame is detected larger, with more keypoints); an
+indexed image used as the query brings its stored features; precomputed ones
+(``Query.features``) are taken as given.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class IndexFeatures:
         self.conf = conf
         self.cache = cache
         self._extractor = extractor
+        self._query_extractors: dict[tuple[int, int], LocalExtractor] = {}
         self._local: LocalFeatureStore | None = None
         self._memory: OrderedDict[int, tuple[str | None, dict]] = OrderedDict()
         self._lock = threading.RLock()
@@ -105,13 +109,20 @@ class IndexFeatures:
 
     # -- queries ------------------------------------------------------------------------
 
-    def of_query(self, query: Query) -> dict | None:
+    def of_query(
+        self, query: Query, side: int | None = None, keypoints: int | None = None
+    ) -> dict | None:
         """The local features of a query, keypoints in pixels of its (cropped) image; None
         for a vector query (nothing to detect).
 
-        A crop is detected at the scale its whole image would be (``max_side`` over the
-        full image's long side), the scale the database images are described at; detecting
-        a small crop at full resolution pairs scales the detector never matched.
+        Args:
+            query: the query.
+            side: the long side, pixels, its whole image is resized to (up or down) before
+                detection; None: the scale the database images are described at
+                (``max_side`` over the image's long side, never enlarged), for which
+                detecting a small crop at full resolution would pair scales the detector
+                never matched.
+            keypoints: keypoints kept; None: the database images' ``max_keypoints``.
         """
         if query.features is not None:
             return query.features
@@ -121,13 +132,27 @@ class IndexFeatures:
             return None
         full = read_image(query.image, name=query.label)
         crop = full if query.box is None else crop_image(full, query.box, query.label)
-        scale = min(1.0, self.conf.max_side / max(full.size))
+        scale = (side or self.conf.max_side) / max(full.size)
+        if side is None:
+            scale = min(1.0, scale)
+        extractor = self._query_extractor(keypoints, max(crop.size) * scale)
         if scale == 1.0:
-            return self.extractor(np.asarray(crop))
+            return extractor(np.asarray(crop))
         w, h = crop.size
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        small = cv2.resize(np.asarray(crop), size, interpolation=cv2.INTER_AREA)
-        return self.extractor(small, original_size=(w, h))
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        resized = cv2.resize(np.asarray(crop), size, interpolation=interpolation)
+        return extractor(resized, original_size=(w, h))
+
+    def _query_extractor(self, keypoints: int | None, side: float) -> LocalExtractor:
+        """The database images' extractor, or one with ``keypoints`` that sees ``side``."""
+        need = (keypoints or self.conf.max_keypoints, max(self.conf.max_side, round(side)))
+        if need == (self.conf.max_keypoints, self.conf.max_side):
+            return self.extractor
+        with self._lock:
+            if need not in self._query_extractors:
+                self._query_extractors[need] = self.conf.create_extractor(*need)
+            return self._query_extractors[need]
 
     # -- indexed images -----------------------------------------------------------------
 

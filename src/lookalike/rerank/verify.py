@@ -77,6 +77,18 @@ def resolve_conf(manifest: Manifest, conf: VerifyConf | dict | None, where: str 
     return wanted
 
 
+def query_features(query: QueryContext, features: IndexFeatures, conf: VerifyConf) -> dict | None:
+    """The query's local features for ``conf``'s query detection, computed once per query
+    and detection setting (the stages that match local features share them)."""
+    if query.query.features is not None:  # precomputed: taken as given
+        return query.query.features
+    side, keypoints = conf.query_detection()
+    key = (QUERY_FEATURES, side, keypoints)
+    if key not in query.cache:
+        query.cache[key] = features.of_query(query.query, side, keypoints)
+    return query.cache[key]
+
+
 class GeometricVerifier:
     """Re-rank a shortlist by geometric verification against the index's local features.
 
@@ -144,9 +156,7 @@ class GeometricVerifier:
             descending across the budget boundary, with the other fusions they need not.
             A query without an image (a vector) is not verified: the ranking is kept.
         """
-        if QUERY_FEATURES not in query.cache:
-            query.cache[QUERY_FEATURES] = self.features.of_query(query.query)
-        local = query.cache[QUERY_FEATURES]
+        local = query_features(query, self.features, self.conf)
         scores, ids = ranking.scores, ranking.ids
         if local is None:
             return ranking.with_field(INLIERS, np.full(len(ids), NOT_VERIFIED, np.int64)).fit(k)
