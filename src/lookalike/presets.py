@@ -32,12 +32,14 @@ def presets() -> dict[str, dict[str, Any]]:
     from lookalike.extract import EXTRACT_PRESETS
     from lookalike.index import INDEX_PRESETS
     from lookalike.local.conf import VERIFY_PRESETS
-    from lookalike.rerank import DBA_PRESETS, QE_PRESETS, VERIFY
+    from lookalike.rerank import ASMK, DBA_PRESETS, QE_PRESETS, VERIFY
+    from lookalike.rerank.asmk_stage import AsmkConf
     from lookalike.train.conf import TRAIN_PRESETS
     from lookalike.train.losses import LOSS_PRESETS
 
     rerank: dict[str, Any] = {name: {"qe": _plain(c)} for name, c in QE_PRESETS.items()}
     rerank.update({name: {"dba": _plain(c)} for name, c in DBA_PRESETS.items()})
+    rerank[ASMK] = {"asmk": _plain(AsmkConf())}
     rerank[VERIFY] = {"verify": "local features + MAGSAC++ on the top `budget`, always last"}
     return {
         "extract": {name: _plain(c) for name, c in EXTRACT_PRESETS.items()},

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from lookalike.local.conf import VerifyConf
 
 VERIFY = "verify"
+ASMK = "asmk"  # lookalike.rerank.asmk_stage, imported when built (it loads faiss and cv2)
 RERANK_DEPTH = 100  # first-stage results handed to the re-ranking stages
 
 
@@ -74,6 +75,7 @@ class Stage(Protocol):
 STAGES: dict[str, str] = {
     **{name: f"query expansion: {conf}" for name, conf in QE_PRESETS.items()},
     **{name: f"database-side augmentation: {conf}" for name, conf in DBA_PRESETS.items()},
+    ASMK: "local-feature first stage: ASMK* over the local features, fused with the ranking",
     VERIFY: "local features + RANSAC on the top `budget`, always last",
 }
 
@@ -127,6 +129,8 @@ def build_stages(
         elif name in DBA_PRESETS:
             conf = DBA_PRESETS[name]
             stages.append(DBARerank(resources.dba(conf.k, conf.alpha), conf, name))
+        elif name == ASMK:
+            stages.append(resources.asmk(verify))
         else:
             stages.append(resources.verifier(verify))
     return stages
@@ -143,6 +147,7 @@ def stage_depths(stages: Sequence[Stage], k: int) -> tuple[int, list[int]]:
 
 
 __all__ = [
+    "ASMK",
     "DBA_PRESETS",
     "QE_PRESETS",
     "RERANK_DEPTH",

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from lookalike.index.source import VectorSource
     from lookalike.local.conf import VerifyConf
     from lookalike.local.provider import IndexFeatures
+    from lookalike.rerank.asmk_stage import AsmkConf, AsmkStage, AsmkState
     from lookalike.rerank.dba_stage import DBAState
     from lookalike.rerank.verify import GeometricVerifier
 
@@ -32,6 +33,7 @@ class StageResources:
         self.source: VectorSource = store.vector_source()
         self._dba: dict[tuple[int, float], DBAState] = {}
         self._features: dict[str, IndexFeatures] = {}
+        self._asmk: dict[IndexFeatures, AsmkState] = {}  # one per local-feature provider
         self._lock = threading.Lock()
 
     def dba(self, k: int, alpha: float) -> DBAState:
@@ -63,6 +65,22 @@ class StageResources:
 
         resolved = resolve_conf(self.store.manifest, conf, str(self.store.path))
         return GeometricVerifier(self.features(resolved), resolved)
+
+    def asmk(
+        self, conf: VerifyConf | dict | None = None, settings: AsmkConf | None = None
+    ) -> AsmkStage:
+        """An ``asmk`` stage over the one ASMK state of this index for the local features
+        ``conf`` resolves to (as :meth:`verifier`'s), with ``settings`` (the preset)."""
+        from lookalike.rerank.asmk_stage import AsmkConf, AsmkStage, AsmkState
+        from lookalike.rerank.verify import resolve_conf
+
+        resolved = resolve_conf(self.store.manifest, conf, str(self.store.path))
+        features = self.features(resolved)
+        with self._lock:
+            if features not in self._asmk:
+                self._asmk[features] = AsmkState(self.store, features)
+            state = self._asmk[features]
+        return AsmkStage(state, resolved, settings or AsmkConf())
 
     def close(self) -> None:
         with self._lock:
