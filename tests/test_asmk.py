@@ -263,6 +263,36 @@ def test_stage_ranks_and_follows_add_update_remove(collection, tmp_path):
         assert (state.computed, state.aggregated) == (0, 0)
 
 
+def test_writers_keep_the_stored_inverted_file_current_without_a_search(collection, tmp_path):
+    """Like a stored DBA: ``lookalike index`` and ``remove`` bring ``asmk.npz`` to the
+    images they leave (added, updated by content hash, removed), over the same codebook,
+    before any search; an index that keeps none gets none."""
+    photos, index = tmp_path / "photos", tmp_path / "index"
+    shutil.copytree(collection["base"] / "photos", photos)
+    index_folder(photos, index, CONF, local=ROOTSIFT)
+    assert not (index / ASMK_NAME).exists()
+    with Searcher.open(index, ["asmk"]) as searcher:
+        searcher.stages[0].state.current()  # built and stored by a search
+    before = AsmkIndex.load(index / ASMK_NAME)
+    ids = ids_by_name(index)
+    photo("coins", 320).save(photos / "coins.png")
+    photo("immunohistochemistry", 320).save(photos / "chelsea.png")
+    index_folder(photos, index, CONF)
+    remove_images(index, ids=[ids["coffee"]])
+    after = AsmkIndex.load(index / ASMK_NAME)
+    with IndexStore.open(index) as store:
+        live = {r.id: r.content_hash for r in store.records("ok")}
+        version = list(store.vector_source().version())
+    assert after.tags_of() == live and after.meta["version"] == version
+    assert after.tags_of()[ids["chelsea"]] != before.tags_of()[ids["chelsea"]]  # updated
+    assert ids["coffee"] in before.tags_of() and ids["coffee"] not in after.tags_of()
+    np.testing.assert_array_equal(after.codebook, before.codebook)
+    with Searcher.open(index, ["asmk"]) as searcher:  # loaded as it is: nothing to follow
+        state = searcher.stages[0].state
+        assert asmk_only(searcher.stages[0], warped("coins", tmp_path / "c.png"))[0] == max(live)
+        assert (state.computed, state.aggregated) == (0, 0)
+
+
 def test_stored_state_of_other_settings_or_damaged_is_recomputed(collection, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lookalike.rerank.asmk_stage")
     index = tmp_path / "index"

@@ -59,12 +59,15 @@ def remove_images(
 
 
 def sync_derived(store: IndexStore) -> None:
-    """After removals: a stored DBA follows, the removed images' local features go."""
+    """After removals: a stored DBA follows, the removed images' local features go, a
+    stored ASMK inverted file drops them."""
     from lookalike.local.sync import sync_local
+    from lookalike.rerank.asmk_stage import sync_asmk
     from lookalike.rerank.dba_stage import sync_dba
 
     sync_dba(store)
     sync_local(store, compute=False)
+    sync_asmk(store)
 
 
 def relabel_store(

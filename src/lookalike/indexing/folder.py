@@ -320,6 +320,7 @@ def _sync(
         store.checkpoint()
     _update_dba(store)
     report.local_described = _sync_local(store, local_progress)
+    _update_asmk(store)
     return report
 
 
@@ -393,6 +394,13 @@ def _update_dba(store: IndexStore) -> None:
     from lookalike.rerank.dba_stage import sync_dba
 
     sync_dba(store)
+
+
+def _update_asmk(store: IndexStore) -> None:
+    """Bring a stored ASMK inverted file up to date (after the local features)."""
+    from lookalike.rerank.asmk_stage import sync_asmk
+
+    sync_asmk(store)
 
 
 def _sync_local(store: IndexStore, progress: Progress | None) -> int:

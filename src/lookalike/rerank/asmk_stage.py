@@ -13,6 +13,8 @@ per-index state that keeps its inverted file current.
   free (kept in memory otherwise, and the log says so) and loaded from there by the next
   process; a stored one of other local-feature settings, or a damaged one, is computed
   again (logged).
+* :func:`sync_asmk` is what a writer calls after changing the index (``lookalike index``,
+  ``remove``): a stored ``asmk.npz`` follows the change and is saved.
 * :class:`AsmkStage` is the stage: the query's local features (shared through the query's
   cache with a later ``verify`` stage) searched in the inverted file, fused with the
   incoming ranking.
@@ -148,7 +150,9 @@ class AsmkState:
                 return self._index
             if self._index is None:
                 self._index = self._open(version)
-            elif self._follow(self._index, version):
+            elif tuple(self._index.meta.get("version", ())) != version and self._follow(
+                self._index, version
+            ):
                 self._persist(self._index)
             self._seen = version
             return self._index
@@ -334,3 +338,29 @@ class AsmkStage:
         except ValueError:  # removed in between: the next search sees the new state
             return ids[:0], np.zeros(0)
         return ids, (vectors @ np.asarray(query.descriptor, np.float32)).astype(np.float64)
+
+
+def sync_asmk(store: IndexStore) -> AsmkIndex | None:
+    """Bring a stored ``asmk.npz`` up to date after a writer changed the index (what
+    ``lookalike index`` and ``remove`` call, after the local features): added, updated and
+    removed images follow over the same codebook, and the file is saved.
+
+    Returns None, touching nothing, when the index keeps no ``asmk.npz``, keeps no local
+    features (``--local``) to follow with, or keeps one made from other local features
+    (its next search rebuilds it).
+    """
+    from lookalike.local.provider import IndexFeatures
+
+    local = store.manifest.local
+    if local is None or not (store.path / ASMK_NAME).exists():
+        return None
+    features = IndexFeatures(store, local)
+    try:
+        state = AsmkState(store, features)
+        stored = state._load()
+        if stored is None:  # damaged or of other settings: left to the next search
+            return None
+        state._index = stored
+        return state.current()
+    finally:
+        features.close()
