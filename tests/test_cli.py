@@ -131,7 +131,8 @@ def test_round_trip(tmp_path, make_images, capsys, monkeypatch, default_extracto
     )
     assert float(s["images/s"]) > 0
 
-    # Image queries: JSON Lines, one object per query, ranked best first, itself first.
+    # Image queries: JSON Lines, one object per query, ranked best first, itself first; a
+    # small gallery is verified by default (the inliers of each result)
     rc, out, err = cli(capsys, "search", "--index", index, paths[3], paths[5], "--json", "-k", 3)
     assert rc == 0, err
     lines = json_lines(out)
@@ -141,8 +142,9 @@ def test_round_trip(tmp_path, make_images, capsys, monkeypatch, default_extracto
         assert set(line) == {"query", "results"}
         results = line["results"]
         assert [r["rank"] for r in results] == [1, 2, 3]
-        assert all(set(r) == {"rank", "id", "path", "score"} for r in results)
+        assert all(set(r) == {"rank", "id", "path", "score", "inliers"} for r in results)
         assert results[0]["path"] == str(path.resolve())
+        assert results[0]["inliers"] > max(r["inliers"] for r in results[1:])  # itself
         assert results[0]["score"] > 0.99
         assert results[1]["score"] < 0.9  # a different photo
         scores = [r["score"] for r in results]
@@ -522,7 +524,8 @@ def test_info_and_presets_human_output(small_index, capsys):
     rotations = list(get_preset("default").query_rotations)
     assert fields["queries"] == f"rotations {rotations}, crops none"
     assert fields["whitening"] == "not learned yet"
-    assert "local" not in fields and "dba" not in fields  # no --local, never verified
+    assert "dba" not in fields  # never searched with dba (local features: cached by the
+    #   verification that searches of this small index run by default)
     rc, out, _ = cli(capsys, "presets")
     assert rc == 0
     from lookalike.extract import EXTRACT_PRESETS

@@ -84,6 +84,40 @@ def test_a_pasted_item_is_found_first_with_crops_not_by_the_whole_photo(
     assert Path(answer.hits[0].path).stem == "rocket"
 
 
+def test_the_small_gallery_default_finds_the_pasted_item_without_flags(
+    tmp_path: Path, build, capsys
+) -> None:
+    """``lookalike search`` with no option on a small gallery: regional crops and
+    verification (``rerank="auto"``) put the item first, verified by many inliers, where
+    the whole-image descriptor alone returns the background photo."""
+    from lookalike.cli import main
+    from lookalike.search import SMALL_GALLERY_CROPS, Searcher
+
+    folder, query = _catalogue(tmp_path / "gallery")
+    build(folder, tmp_path / "index")
+    with Searcher.open(tmp_path / "index", crops=()) as whole:
+        (plain,) = whole.answer([query], k=3)
+    assert Path(plain.hits[0].path).stem == "coffee"
+    with Searcher.open(tmp_path / "index", "auto") as auto:
+        assert auto.verified and auto.conf.query_crops == SMALL_GALLERY_CROPS
+        (answer,) = auto.answer([query], k=3)
+    assert Path(answer.hits[0].path).stem == "rocket"
+    assert answer.hits[0].inliers >= 15 and answer.hits[1].inliers < answer.hits[0].inliers
+    capsys.readouterr()
+    assert main(["search", str(query), "--index", str(tmp_path / "index"), "--json"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["results"][0] == answer.hits[0].to_dict()
+
+
+def test_auto_settings_follow_the_gallery_size() -> None:
+    from lookalike.search import SMALL_GALLERY, auto_settings
+
+    assert auto_settings(10, ()) == (["verify"], (0.5,))
+    assert auto_settings(SMALL_GALLERY, (0.7, 0.5)) == (["verify"], (0.7, 0.5))  # recorded
+    assert auto_settings(SMALL_GALLERY + 1, ()) == ([], ())
+    assert auto_settings(SMALL_GALLERY + 1, (0.5,)) == ([], (0.5,))
+
+
 def test_crops_are_recorded_as_the_index_search_defaults(tmp_path: Path, build) -> None:
     from lookalike.index import IndexStore
     from lookalike.search import Searcher

@@ -14,6 +14,12 @@ process commits become searchable at the next search (one cheap check per call).
         for hit in s.results(ranking)[0]:
             print(hit.rank, hit.score, hit.path)
 
+``rerank="auto"`` (what ``lookalike search`` does unless told otherwise) is the
+small-gallery default (:func:`auto_settings`): an index of at most :data:`SMALL_GALLERY`
+images is searched with regional query crops and geometric verification, the catalogue
+case's remedy (a phone photo in which the item fills a third of a cluttered frame), at
+about a second per query on a 2-core CPU; a larger index with its plain first stage.
+
 Returns the faiss contract ``(scores, ids)`` of shape ``(n, k)``, best first, ``-1`` for "no
 result", in a :class:`~lookalike.ranking.Ranking` (with ``inliers`` after verification);
 :meth:`Searcher.results` joins them to paths and metadata. :meth:`Searcher.answer` does both
@@ -46,6 +52,26 @@ logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 Progress = Callable[[int, int], None]  # (queries done, queries)
+
+AUTO = "auto"  # rerank value: the small-gallery default (auto_settings)
+SMALL_GALLERY = 10_000  # images: at most this many, "auto" adds crops and verification
+#   (measured by benchmarks/catalogue.py: generated catalogue P@1 26.8 -> 97.0)
+SMALL_GALLERY_CROPS = (0.5,)  # regional crops "auto" adds (when the index records none)
+SMALL_GALLERY_RERANK = ("verify",)  # stages "auto" runs on a small gallery
+
+
+def auto_settings(
+    images: int, recorded_crops: Sequence[float]
+) -> tuple[list[str], tuple[float, ...]]:
+    """What ``rerank="auto"`` searches an index of ``images`` images with: ``(stages,
+    crops)``. At most :data:`SMALL_GALLERY` images: verification of the top 100 and the
+    index's recorded crops, or :data:`SMALL_GALLERY_CROPS` when it records none; a larger
+    index: no stage and its recorded crops (a crop search and 100 verifications per query
+    stay affordable while the local features of the whole gallery are: ~270 KB per image
+    with ALIKED, 2.7 GB at 10k)."""
+    if images > SMALL_GALLERY:
+        return [], tuple(recorded_crops)
+    return list(SMALL_GALLERY_RERANK), tuple(recorded_crops) or SMALL_GALLERY_CROPS
 
 
 @dataclass(frozen=True)
@@ -135,7 +161,7 @@ class Searcher:
     def open(
         cls,
         index_dir: str | Path,
-        rerank: Sequence[str] = (),
+        rerank: Sequence[str] | str = (),
         verify: VerifyConf | dict | None = None,
         *,
         runtime: str = "auto",
@@ -148,7 +174,9 @@ class Searcher:
 
         Args:
             index_dir: the index directory.
-            rerank: re-ranking stage names, e.g. ``["dba", "alpha-qe", "verify"]``.
+            rerank: re-ranking stage names, e.g. ``["dba", "alpha-qe", "verify"]``; or
+                ``"auto"``: the small-gallery default (:func:`auto_settings`; ``crops``
+                given explicitly are kept).
             verify: verification settings: a :class:`VerifyConf`, or a dict of changes to
                 the index's recorded ones (``{"budget": 50}``).
             runtime, device: where the query model runs (the descriptor settings come from
@@ -161,6 +189,16 @@ class Searcher:
         store = IndexStore.open(index_dir)
         try:
             conf = ExtractConf.for_index(store.manifest, runtime=runtime, device=device, workers=0)
+            if isinstance(rerank, str):
+                if rerank != AUTO:
+                    raise ConfigError(
+                        f"rerank must be a list of stage names or 'auto', got {rerank!r}"
+                    )
+                rerank, auto_crops = auto_settings(len(store), conf.query_crops)
+                crops = auto_crops if crops is None else crops
+                logger.info(
+                    "small-gallery default for %s: stages %s, crops %s", index_dir, rerank, crops
+                )
             if crops is not None:
                 conf = conf.replace(query_crops=tuple(float(c) for c in crops))
             if crop_penalty is not None:
@@ -197,6 +235,11 @@ class Searcher:
 
     def __len__(self) -> int:
         return len(self.store)
+
+    @property
+    def verified(self) -> bool:
+        """Whether results carry inlier counts (a ``verify`` stage runs)."""
+        return any(stage.name == "verify" for stage in self.stages)
 
     @property
     def extractor(self) -> Extractor:
@@ -442,14 +485,15 @@ def search(
     queries: Sequence[QueryLike],
     k: int = 10,
     *,
-    rerank: Sequence[str] = (),
+    rerank: Sequence[str] | str = AUTO,
     verify: VerifyConf | dict | None = None,
     rotations: Sequence[int] | None = None,
     device: str = "auto",
     progress: Progress | None = None,
     errors: str = "raise",
 ) -> list[Answer]:
-    """``lookalike search`` in one call: open, search, join, close (``errors`` as in
+    """``lookalike search`` in one call: open, search, join, close (``rerank`` as in
+    :meth:`Searcher.open`, by default the small-gallery default; ``errors`` as in
     :meth:`Searcher.answer`)."""
     with Searcher.open(index_dir, rerank, verify, device=device) as searcher:
         return searcher.answer(queries, k, rotations, progress, errors)

@@ -83,6 +83,7 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
             progress=bars.callback("searching", "query") if many else None,
             errors="report",
         )
+        verified = searcher.verified
     failed = [a.error for a in answers if a.error is not None]
     if args.json:
         for answer in answers:
@@ -90,7 +91,7 @@ def cmd_search(args: argparse.Namespace, ui: Ui) -> int:
             if answer.error is not None:
                 print_error(query_error(answer))
     else:
-        print_answers(answers, verified="verify" in rerank)
+        print_answers(answers, verified=verified)
     # the first failed query's kind: 3 for an unreadable image, 2 for an unknown id
     return failed[0].exit_code if failed else 0
 
