@@ -284,12 +284,14 @@ class ALIKEDExtractor(LocalExtractor):
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
         weights: a local ALIKED checkpoint (``aliked-n16.pth``, BSD licence); None lets
             kornia download the official one on first use.
-        model: kornia config name, one of :data:`ALIKED_MODELS`; must match ``weights``.
+        model: kornia config name, one of :data:`ALIKED_MODELS`; must match ``weights``
+            (None: :attr:`default_model`).
     """
 
     name = "aliked"
     dim = 128
     binary = False
+    default_model = "aliked-n16"  # the kornia config this name stands for
 
     def __init__(
         self,
@@ -297,9 +299,10 @@ class ALIKEDExtractor(LocalExtractor):
         max_side: int = 1024,
         device: str = "cpu",
         weights: str | Path | None = None,
-        model: str = "aliked-n16",
+        model: str | None = None,
     ) -> None:
         super().__init__(max_keypoints, max_side)
+        model = model or self.default_model
         if model not in ALIKED_MODELS:
             raise ConfigError(f"unknown ALIKED model {model!r}; valid: {', '.join(ALIKED_MODELS)}")
         from lookalike.runtime import resolve_device
@@ -331,15 +334,7 @@ class ALIKEDRotExtractor(ALIKEDExtractor):
     (``aliked-n16rot.pth``)."""
 
     name = "aliked-n16rot"
-
-    def __init__(
-        self,
-        max_keypoints: int = 1024,
-        max_side: int = 1024,
-        device: str = "cpu",
-        weights: str | Path | None = None,
-    ) -> None:
-        super().__init__(max_keypoints, max_side, device, weights, model="aliked-n16rot")
+    default_model = "aliked-n16rot"
 
 
 def _load_aliked(
@@ -488,7 +483,7 @@ def default_local_settings(name: str) -> dict[str, Any]:
         "binary": cls.binary,
     }
     if issubclass(cls, ALIKEDExtractor):
-        settings["model"] = "aliked-n16rot" if cls is ALIKEDRotExtractor else "aliked-n16"
+        settings["model"] = cls.default_model
     return settings
 
 
