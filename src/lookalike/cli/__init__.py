@@ -51,6 +51,7 @@ from lookalike.cli.query_commands import (
     cmd_recognize,
     cmd_search,
 )
+from lookalike.cli.serve_commands import add_serve_parser
 from lookalike.cli.train_commands import add_train_parser
 from lookalike.cli.ui import Ui, configure_logging, print_error, silence_stdout, stderr_console
 
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_check_parsers(sub, common)
     add_train_parser(sub, common)
+    add_serve_parser(sub, common)
     return parser
 
 
