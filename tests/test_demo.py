@@ -145,6 +145,9 @@ def test_demo_end_to_end(
     assert result.match_png is not None and result.match_png.stat().st_size > 1000
     inliers = int(re.search(r"(\d+) inliers of \d+ RootSIFT matches", out).group(1))
     assert inliers >= 20
+    # the same index searched over HTTP by the service, for a moment
+    assert result.served is not None and result.served["id"] == result.queries[0].hits[0].id
+    assert "the same search over HTTP" in out and "http://127.0.0.1:8000/docs" in out
 
     # running it again re-syncs the existing index instead of failing
     assert demo.main(tmp_path / "out", k=3) == 0

@@ -117,6 +117,7 @@ class DemoResult:
     report: IndexReport | None = None  # what indexing the collection did
     seconds: float = 0.0  # wall time of the whole run
     match_png: Path | None = None  # the inlier matches of one query and its top result
+    served: dict | None = None  # the top result of one query searched over HTTP
 
     @property
     def accuracy(self) -> float:
@@ -325,6 +326,7 @@ def run_demo(
         truth=is_match,
     )
     _draw_one_match(console, result)
+    _search_over_http(console, result)
     result.seconds = time.perf_counter() - start
     n_right = sum(q.correct for q in result.queries)
     console.print(
@@ -352,6 +354,53 @@ def _draw_one_match(console: Console, result: DemoResult) -> None:
     console.print(f"geometric verification of {query.path.name} with its top result:")
     console.print(f"  {v.inliers} inliers of {v.tentative} RootSIFT matches")
     console.print(f"  drawn in {result.match_png}", highlight=False)
+
+
+def _search_over_http(console: Console, result: DemoResult) -> None:
+    """Start ``lookalike serve`` on the demo index for a moment (a free loopback port),
+    search one edited copy over HTTP, and print how a user would run and open it."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from lookalike.serve import ServeConf, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    index = result.out_dir / "index"
+    app = create_app(index, ServeConf(port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        query = result.queries[0]
+        with open(query.path, "rb") as f:
+            files = {"image": (query.path.name, f.read(), "application/octet-stream")}
+        reply = httpx.post(f"http://127.0.0.1:{port}/search", files=files, params={"k": 1})
+        reply.raise_for_status()
+        (top,) = reply.json()["results"]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    (record,) = [h for h in query.hits if h.id == top["id"]] or [None]
+    name = Path(record.path).stem if record is not None else f"id {top['id']}"
+    result.served = top
+    verified = f", {top['inliers']} inliers" if "inliers" in top else ""
+    console.print(
+        f"the same search over HTTP (lookalike serve): {query.path.name} -> {name} "
+        f"(score {top['score']:.2f}{verified})"
+    )
+    console.print(
+        f"  serve it yourself: .venv/bin/lookalike serve --index {index} and open "
+        "http://127.0.0.1:8000/docs",
+        highlight=False,
+    )
 
 
 def _print_results(console: Console, result: DemoResult) -> None:
