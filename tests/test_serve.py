@@ -203,6 +203,27 @@ def test_bad_requests_get_one_line_errors(server: Running) -> None:
     one_line_error(httpx.post(url, files={"other": ("a", b"x")}), 422)
 
 
+def test_an_upload_without_a_length_is_cut_off_while_it_streams(server: Running) -> None:
+    """A chunked upload (no Content-Length) is counted as it arrives and refused at the
+    limit, not read whole."""
+
+    def body(chunks: int):
+        yield (
+            b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="q"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n"
+        )
+        for _ in range(chunks):
+            yield b"a" * 65536
+        yield b"\r\n--xyz--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    big = httpx.post(f"{server.url}/search", content=body(48), headers=headers, timeout=60)
+    assert big.request.headers.get("transfer-encoding") == "chunked"
+    assert "larger than 2 MB" in one_line_error(big, 413)
+    small = httpx.post(f"{server.url}/search", content=body(2), headers=headers, timeout=60)
+    assert "not an image" in one_line_error(small, 415)  # read whole, then sniffed
+
+
 def test_requests_never_name_a_path(server: Running, gallery: dict) -> None:
     """Path-like values in every parameter that names a thing are data, not paths."""
     secret = str(gallery["index"] / "manifest.json")

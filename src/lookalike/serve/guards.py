@@ -78,8 +78,12 @@ def check_key(headers: Any, api_key: str | None, no_auth: bool, write: bool) -> 
         raise ServiceError(403, "wrong API key")
 
 
-class _TooLarge(Exception):
-    pass
+class UploadTooLarge(ServiceError):
+    """A request body past the limit (raised while it streams: the app's error handler
+    answers it like any :class:`ServiceError`, :class:`BodyLimit` where no handler did)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the upload is larger than {limit // (1024 * 1024)} MB")
 
 
 class BodyLimit:
@@ -111,7 +115,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise UploadTooLarge(self.limit)
             return message
 
         async def tracked_send(message: dict) -> None:
@@ -121,7 +125,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
+        except* UploadTooLarge:  # (grouped by a task group of a middleware, or bare)
             if not started:
                 await _too_large(send, self.limit)
 
@@ -129,7 +133,7 @@ class BodyLimit:
 async def _too_large(send: Any, limit: int) -> None:
     import json
 
-    body = json.dumps({"error": f"the upload is larger than {limit // (1024 * 1024)} MB"})
+    body = json.dumps({"error": UploadTooLarge(limit).message})
     await send(
         {
             "type": "http.response.start",
