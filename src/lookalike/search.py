@@ -189,18 +189,7 @@ class Searcher:
         store = IndexStore.open(index_dir)
         try:
             conf = ExtractConf.for_index(store.manifest, runtime=runtime, device=device, workers=0)
-            if isinstance(rerank, str):
-                if rerank != AUTO:
-                    raise ConfigError(
-                        f"rerank must be a list of stage names or 'auto', got {rerank!r}"
-                    )
-                rerank, auto_crops = auto_settings(len(store), conf.query_crops)
-                crops = auto_crops if crops is None else crops
-                logger.info(
-                    "small-gallery default for %s: stages %s, crops %s", index_dir, rerank, crops
-                )
-            if crops is not None:
-                conf = conf.replace(query_crops=tuple(float(c) for c in crops))
+            rerank, conf = _resolve_auto(store, conf, rerank, crops)
             if crop_penalty is not None:
                 conf = conf.replace(crop_penalty=float(crop_penalty))
             resources = StageResources(store)
@@ -211,14 +200,17 @@ class Searcher:
             raise
 
     def with_stages(
-        self, rerank: Sequence[str], verify: VerifyConf | dict | None = None
+        self,
+        rerank: Sequence[str] | str,
+        verify: VerifyConf | dict | None = None,
+        crops: Sequence[float] | None = None,
     ) -> Searcher:
         """A searcher over the same index, extractor and stage state with other stages
-        (``verify`` as in :meth:`open`; its device defaults to the searcher's)."""
-        stages = build_stages(rerank, self.resources, _device(verify, self.conf.device))
-        return Searcher(
-            self.store, self._extractor, stages, conf=self.conf, resources=self.resources
-        )
+        (``rerank``, ``verify`` and ``crops`` as in :meth:`open`; the device defaults to
+        the searcher's; without ``crops`` or ``"auto"``, this searcher's crops)."""
+        rerank, conf = _resolve_auto(self.store, self.conf, rerank, crops)
+        stages = build_stages(rerank, self.resources, _device(verify, conf.device))
+        return Searcher(self.store, self._extractor, stages, conf=conf, resources=self.resources)
 
     def close(self) -> None:
         """Release the stage state this searcher made, and the store it opened."""
@@ -459,6 +451,26 @@ class _LazyExtractor:
                     self._store.check_weights(backbone.weights_id)
                 self._checked = True
             return self._extractor
+
+
+def _resolve_auto(
+    store: IndexStore,
+    conf: ExtractConf,
+    rerank: Sequence[str] | str,
+    crops: Sequence[float] | None,
+) -> tuple[list[str], ExtractConf]:
+    """``(stage names, query settings)`` for a ``rerank`` list or ``"auto"``
+    (:func:`auto_settings` from the index's size and recorded crops; ``crops`` given
+    explicitly win)."""
+    if isinstance(rerank, str):
+        if rerank != AUTO:
+            raise ConfigError(f"rerank must be a list of stage names or 'auto', got {rerank!r}")
+        rerank, auto_crops = auto_settings(len(store), store.manifest.query.crops)
+        crops = auto_crops if crops is None else crops
+        logger.info("small-gallery default for %s: stages %s, crops %s", store.path, rerank, crops)
+    if crops is not None:
+        conf = conf.replace(query_crops=tuple(float(c) for c in crops))
+    return list(rerank), conf
 
 
 def _queries(queries: Sequence[QueryLike]) -> list[Query]:

@@ -57,14 +57,15 @@ FILTER_DEPTH = 20  # with a metadata filter, k * this many results are filtered
 
 
 class Service:
-    """The state behind the app: the index's searchers (one per rerank list, sharing one
-    query model), admission control and the metrics. Thread-safe."""
+    """The state behind the app: one open index and its searchers (one per rerank list,
+    siblings sharing the store, the query model and the stage state), admission control
+    and the metrics. Thread-safe."""
 
     def __init__(self, index_dir: str | Path, conf: ServeConf) -> None:
         self.index_dir = Path(index_dir)
         self.conf = conf
-        self.base = Searcher.open(self.index_dir, AUTO)
-        self._searchers: dict[str, Searcher] = {AUTO: self.base}
+        self.base = Searcher.open(self.index_dir)  # the first stage alone: rerank=none
+        self._searchers: dict[str, Searcher] = {"none": self.base}
         self._lock = threading.Lock()
         self.admission = Admission(conf.max_active, conf.max_queued)
         self.registry = CollectorRegistry()
@@ -81,12 +82,11 @@ class Service:
 
     def close(self) -> None:
         with self._lock:
-            for searcher in self._searchers.values():
-                searcher.close()
             self._searchers.clear()
+            self.base.close()  # the siblings own nothing
 
     def searcher(self, rerank: str) -> Searcher:
-        """The searcher for a ``rerank`` parameter (opened once, its query model shared)."""
+        """The searcher for a ``rerank`` parameter (``auto``, ``none`` or stage names)."""
         key = (rerank or AUTO).strip().lower() or AUTO
         with self._lock:
             if key not in self._searchers:
@@ -94,10 +94,8 @@ class Service:
                     raise ServiceError(
                         422, f"at most {MAX_SEARCHERS} distinct rerank lists are served"
                     )
-                stages: Any = [] if key == "none" else [s.strip() for s in key.split(",")]
-                self._searchers[key] = Searcher.open(
-                    self.index_dir, stages, extractor=self.base.extractor
-                )
+                stages = AUTO if key == AUTO else [s.strip() for s in key.split(",")]
+                self._searchers[key] = self.base.with_stages(stages)
             return self._searchers[key]
 
 
