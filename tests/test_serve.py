@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,23 +20,18 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from conftest import photo
 
 from lookalike.errors import ConfigError
-from lookalike.serve import API_KEY_ENV, ServeConf, load_api_key
+from lookalike.serve import API_KEY_ENV, ServeConf, free_port, load_api_key, serving
 from lookalike.serve.guards import Admission, ServiceError
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
 KEY = "k" * 8 + "-test-key-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,48 +55,19 @@ def gallery(tmp_path_factory: pytest.TempPathFactory, default_extractor) -> dict
     return {"base": base, "index": base / "index"}
 
 
-class Running:
-    """A uvicorn server in a thread of this process."""
-
-    def __init__(self, index: Path, conf: ServeConf) -> None:
-        import uvicorn
-
-        from lookalike.serve import create_app
-
-        self.port = free_port()
-        conf = ServeConf(**{**conf.__dict__, "port": self.port})
-        config = uvicorn.Config(
-            create_app(index, conf), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture(scope="module")
-def server(gallery: dict) -> Iterator[Running]:
+def server(gallery: dict) -> Iterator[SimpleNamespace]:
     """Reads open, writes closed (no key configured); uploads up to 2 MB."""
-    running = Running(gallery["index"], ServeConf(max_upload_mb=2.0, max_active=2))
-    yield running
-    running.stop()
+    conf = ServeConf(port=0, max_upload_mb=2.0, max_active=2)
+    with serving(gallery["index"], conf) as url:
+        yield SimpleNamespace(url=url)
 
 
 @pytest.fixture(scope="module")
-def locked(gallery: dict) -> Iterator[Running]:
+def locked(gallery: dict) -> Iterator[SimpleNamespace]:
     """``--auth all`` with a key: every request needs it."""
-    running = Running(gallery["index"], ServeConf(auth="all", api_key=KEY))
-    yield running
-    running.stop()
+    with serving(gallery["index"], ServeConf(port=0, auth="all", api_key=KEY)) as url:
+        yield SimpleNamespace(url=url)
 
 
 def png(name: str, side: int = 192) -> bytes:
@@ -126,7 +91,7 @@ def one_line_error(response: httpx.Response, status: int) -> str:
 # -- reads -----------------------------------------------------------------------------
 
 
-def test_search_by_upload_id_and_vector(server: Running) -> None:
+def test_search_by_upload_id_and_vector(server: SimpleNamespace) -> None:
     got = upload(f"{server.url}/search", png("coffee"), {"k": 3})
     assert got.status_code == 200, got.text
     body = got.json()
@@ -151,7 +116,7 @@ def test_search_by_upload_id_and_vector(server: Running) -> None:
     assert plain.json()["results"][0]["id"] == top["id"]
 
 
-def test_search_filters_and_box(server: Running) -> None:
+def test_search_filters_and_box(server: SimpleNamespace) -> None:
     only = upload(f"{server.url}/search", png("coffee"), {"k": 5, "label": "rocket"})
     assert [r["label"] for r in only.json()["results"]] == ["rocket"]
     where = upload(
@@ -162,7 +127,7 @@ def test_search_filters_and_box(server: Running) -> None:
     assert boxed.status_code == 200 and len(boxed.json()["results"]) == 1
 
 
-def test_recognize(server: Running) -> None:
+def test_recognize(server: SimpleNamespace) -> None:
     got = upload(f"{server.url}/recognize", png("rocket"))
     assert got.status_code == 200, got.text
     body = got.json()
@@ -171,7 +136,7 @@ def test_recognize(server: Running) -> None:
     assert body["neighbours"][0]["label"] == "rocket"
 
 
-def test_info_healthz_metrics(server: Running) -> None:
+def test_info_healthz_metrics(server: SimpleNamespace) -> None:
     health = httpx.get(f"{server.url}/healthz")
     assert health.json() == {"status": "ok", "images": len(NAMES)}
     info = httpx.get(f"{server.url}/info").json()
@@ -184,7 +149,7 @@ def test_info_healthz_metrics(server: Running) -> None:
     assert httpx.get(f"{server.url}/docs").status_code == 200  # OpenAPI docs
 
 
-def test_bad_requests_get_one_line_errors(server: Running) -> None:
+def test_bad_requests_get_one_line_errors(server: SimpleNamespace) -> None:
     url = f"{server.url}/search"
     assert "not an image" in one_line_error(upload(url, b"%PDF-1.4 not an image" * 10), 415)
     assert one_line_error(upload(url, png("coffee")[:300]), 422)  # truncated PNG
@@ -203,7 +168,7 @@ def test_bad_requests_get_one_line_errors(server: Running) -> None:
     one_line_error(httpx.post(url, files={"other": ("a", b"x")}), 422)
 
 
-def test_an_upload_without_a_length_is_cut_off_while_it_streams(server: Running) -> None:
+def test_an_upload_without_a_length_is_cut_off_while_it_streams(server: SimpleNamespace) -> None:
     """A chunked upload (no Content-Length) is counted as it arrives and refused at the
     limit, not read whole."""
 
@@ -224,7 +189,7 @@ def test_an_upload_without_a_length_is_cut_off_while_it_streams(server: Running)
     assert "not an image" in one_line_error(small, 415)  # read whole, then sniffed
 
 
-def test_requests_never_name_a_path(server: Running, gallery: dict) -> None:
+def test_requests_never_name_a_path(server: SimpleNamespace, gallery: dict) -> None:
     """Path-like values in every parameter that names a thing are data, not paths."""
     secret = str(gallery["index"] / "manifest.json")
     url = f"{server.url}/search"
@@ -238,7 +203,7 @@ def test_requests_never_name_a_path(server: Running, gallery: dict) -> None:
     assert httpx.get(f"{server.url}/../manifest.json").status_code == 404
 
 
-def test_concurrent_searches_have_no_errors(server: Running) -> None:
+def test_concurrent_searches_have_no_errors(server: SimpleNamespace) -> None:
     data = [png(n) for n in NAMES]
 
     def one(i: int) -> int:
@@ -252,7 +217,7 @@ def test_concurrent_searches_have_no_errors(server: Running) -> None:
 # -- security ----------------------------------------------------------------------------
 
 
-def test_auth_all_needs_the_key(locked: Running) -> None:
+def test_auth_all_needs_the_key(locked: SimpleNamespace) -> None:
     url = f"{locked.url}/healthz"
     missing = httpx.get(url)
     assert "API key is required" in one_line_error(missing, 401)
@@ -265,7 +230,7 @@ def test_auth_all_needs_the_key(locked: Running) -> None:
     assert search.status_code == 200
 
 
-def test_writes_are_refused_without_a_configured_key(server: Running) -> None:
+def test_writes_are_refused_without_a_configured_key(server: SimpleNamespace) -> None:
     r = httpx.delete(f"{server.url}/images/1")
     assert "no API key is configured" in one_line_error(r, 403)
 

@@ -359,35 +359,18 @@ def _draw_one_match(console: Console, result: DemoResult) -> None:
 def _search_over_http(console: Console, result: DemoResult) -> None:
     """Start ``lookalike serve`` on the demo index for a moment (a free loopback port),
     search one edited copy over HTTP, and print how a user would run and open it."""
-    import socket
-    import threading
-
     import httpx
-    import uvicorn
 
-    from lookalike.serve import ServeConf, create_app
+    from lookalike.serve import serving
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     index = result.out_dir / "index"
-    app = create_app(index, ServeConf(port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        query = result.queries[0]
+    query = result.queries[0]
+    with serving(index) as url:
         with open(query.path, "rb") as f:
             files = {"image": (query.path.name, f.read(), "application/octet-stream")}
-        reply = httpx.post(f"http://127.0.0.1:{port}/search", files=files, params={"k": 1})
+        reply = httpx.post(f"{url}/search", files=files, params={"k": 1})
         reply.raise_for_status()
         (top,) = reply.json()["results"]
-    finally:
-        server.should_exit = True
-        thread.join(30)
     (record,) = [h for h in query.hits if h.id == top["id"]] or [None]
     name = Path(record.path).stem if record is not None else f"id {top['id']}"
     result.served = top
