@@ -141,15 +141,20 @@ class AsmkState:
         """``<index>/asmk.npz``."""
         return self.store.path / ASMK_NAME
 
-    def current(self) -> AsmkIndex | None:
-        """The inverted file at the index's current version (loaded, built or updated now);
-        None while the index has too few local descriptors to train a codebook."""
+    def current(self, build: bool = True) -> AsmkIndex | None:
+        """The inverted file at the index's current version: loaded (or, with ``build``,
+        built) on first use, then brought up to date; None while the index has too few local
+        descriptors to train a codebook, or without ``build`` when none is stored."""
         with self._lock:
             version = self.store.vector_source().version()
             if version == self._seen:
                 return self._index
             if self._index is None:
-                self._index = self._open(version)
+                self._index = self._load()
+            if self._index is None:
+                if not build:
+                    return None
+                self._index = self._build_stored(version)
             elif tuple(self._index.meta.get("version", ())) != version and self._follow(
                 self._index, version
             ):
@@ -161,13 +166,8 @@ class AsmkState:
         """``{id: content hash}`` of the index's searchable images."""
         return {r.id: r.content_hash or "" for r in self.store.records("ok")}
 
-    def _open(self, version: tuple[int, int]) -> AsmkIndex | None:
-        index = self._load()
-        if index is not None:
-            at = tuple(index.meta.get("version", ()))
-            if at != version and self._follow(index, version):
-                self._persist(index)
-            return index
+    def _build_stored(self, version: tuple[int, int]) -> AsmkIndex | None:
+        """:meth:`_build`, then stored (logged either way)."""
         start = time.perf_counter()
         index = self._build(version)
         if index is None:
@@ -355,12 +355,7 @@ def sync_asmk(store: IndexStore) -> AsmkIndex | None:
     if local is None or not (store.path / ASMK_NAME).exists():
         return None
     features = IndexFeatures(store, local)
-    try:
-        state = AsmkState(store, features)
-        stored = state._load()
-        if stored is None:  # damaged or of other settings: left to the next search
-            return None
-        state._index = stored
-        return state.current()
+    try:  # damaged or of other settings: left to the next search to rebuild
+        return AsmkState(store, features).current(build=False)
     finally:
         features.close()
