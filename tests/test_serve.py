@@ -9,9 +9,9 @@ cleanly on SIGTERM.
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,35 +24,16 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import photo
+from serve_helpers import KEY, NAMES, build_gallery, one_line_error, png, upload
 
 from lookalike.errors import ConfigError
 from lookalike.serve import API_KEY_ENV, ServeConf, free_port, load_api_key, serving
 from lookalike.serve.guards import Admission, ServiceError
 
-NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")
-KEY = "k" * 8 + "-test-key-0123456789"
-
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory, default_extractor) -> dict:
-    """6 labelled photos (label = their folder) indexed with the default preset."""
-    from lookalike.indexing import index_folder
-    from lookalike.labels import label_source
-
-    base = tmp_path_factory.mktemp("serve")
-    for name in NAMES:
-        (base / "photos" / name).mkdir(parents=True)
-        photo(name, 192).save(base / "photos" / name / "0.png")
-    labels = label_source("folder", base / "photos")
-    index_folder(
-        base / "photos",
-        base / "index",
-        default_extractor.conf,
-        extractor=default_extractor,
-        labels=labels,
-    )
-    return {"base": base, "index": base / "index"}
+    return build_gallery(tmp_path_factory.mktemp("serve"), default_extractor)
 
 
 @pytest.fixture(scope="module")
@@ -68,24 +49,6 @@ def locked(gallery: dict) -> Iterator[SimpleNamespace]:
     """``--auth all`` with a key: every request needs it."""
     with serving(gallery["index"], ServeConf(port=0, auth="all", api_key=KEY)) as url:
         yield SimpleNamespace(url=url)
-
-
-def png(name: str, side: int = 192) -> bytes:
-    out = io.BytesIO()
-    photo(name, side).save(out, format="PNG")
-    return out.getvalue()
-
-
-def upload(url: str, data: bytes, params: dict | None = None, headers=None) -> httpx.Response:
-    files = {"image": ("q.png", data, "image/png")}
-    return httpx.post(url, files=files, params=params, headers=headers, timeout=60)
-
-
-def one_line_error(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and "\n" not in body["error"] and body["error"]
-    return body["error"]
 
 
 # -- reads -----------------------------------------------------------------------------
@@ -282,11 +245,15 @@ def test_admission_sheds_load_with_retry_after() -> None:
 # -- the command ---------------------------------------------------------------------------
 
 
-def test_cli_serve_starts_binds_loopback_and_stops_on_sigterm(gallery: dict) -> None:
+def test_cli_serve_starts_binds_loopback_and_stops_on_sigterm(
+    gallery: dict, tmp_path: Path
+) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(gallery["index"], index)  # the other fixtures' servers hold the lock
     port = free_port()
     env = {**os.environ, API_KEY_ENV: KEY}
     command = [sys.executable, "-m", "lookalike.cli", "serve"]
-    command += ["--index", str(gallery["index"]), "--port", str(port)]
+    command += ["--index", str(index), "--port", str(port)]
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -300,6 +267,16 @@ def test_cli_serve_starts_binds_loopback_and_stops_on_sigterm(gallery: dict) -> 
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.5)
         assert health.json()["images"] == len(NAMES)
+        # the service (writes open: a key is configured) is the index's one writer
+        photos = str(gallery["base"] / "photos")
+        indexing = subprocess.run(
+            [sys.executable, "-m", "lookalike.cli", "index", photos, "--index", str(index)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert indexing.returncode != 0
+        assert f"pid {proc.pid}" in indexing.stderr, indexing.stderr
         proc.send_signal(signal.SIGTERM)
         # uvicorn finishes the in-flight requests, then exits by the signal it got
         assert proc.wait(60) in (0, -signal.SIGTERM)

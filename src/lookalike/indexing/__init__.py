@@ -5,6 +5,7 @@ relabel, describe, and resolve the settings a run uses.
 :func:`index_folder`         ``lookalike index DIR``: new and changed files, labels, local
                              features, the stored DBA (:mod:`lookalike.indexing.folder`)
 :func:`index_files`          the same for an explicit list of files
+:func:`index_into`           the same into an index already open for writing (the service)
 :func:`remove_images`        ``lookalike remove``: by id or path, DBA and local features follow
                              (:mod:`lookalike.indexing.edit`)
 :func:`index_info`           ``lookalike info`` (:mod:`lookalike.indexing.info`)
@@ -16,7 +17,13 @@ relabel, describe, and resolve the settings a run uses.
 from __future__ import annotations
 
 from lookalike.indexing.edit import RemoveReport, relabel_store, remove_images
-from lookalike.indexing.folder import IndexReport, index_files, index_folder, open_for_writing
+from lookalike.indexing.folder import (
+    IndexReport,
+    index_files,
+    index_folder,
+    index_into,
+    open_for_writing,
+)
 from lookalike.indexing.info import index_info
 from lookalike.indexing.settings import FROM_INDEX, Settings, resolve_settings
 
@@ -28,6 +35,7 @@ __all__ = [
     "index_files",
     "index_folder",
     "index_info",
+    "index_into",
     "open_for_writing",
     "relabel_store",
     "remove_images",

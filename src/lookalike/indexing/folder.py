@@ -257,6 +257,33 @@ def index_files(
         store.close()
 
 
+def index_into(
+    store: IndexStore,
+    paths: Sequence[str | Path],
+    extractor: Extractor,
+    *,
+    metadata: Callable[[Path], dict] | None = None,
+    checkpoint: bool = True,
+) -> IndexReport:
+    """:func:`index_files` for an index already open for writing, with the extractor of its
+    settings: what the service's writer runs for each batch of uploads (it holds the store,
+    and the writer lock, for its whole life). ``checkpoint=False`` leaves the new ops to be
+    replayed from the log instead of saving the vector backend after every batch.
+
+    Raises:
+        LookalikeError: ``paths`` is empty; IndexStateError: the extractor describes
+            otherwise than the index.
+    """
+    files = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
+    if not files:
+        raise LookalikeError("no image files given to index")
+    store.check_compatible(extractor.conf.descriptor())
+    return _sync(
+        store, extractor.conf, extractor, None, files, False, metadata, None, 32,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+
+
 def _sync(
     store: IndexStore,
     conf: ExtractConf,
@@ -268,11 +295,13 @@ def _sync(
     progress: Progress | None,
     chunk: int,
     local_progress: Progress | None = None,
+    *,
+    checkpoint: bool = True,
 ) -> IndexReport:
     """Index ``files``; with a ``root``, indexed files under it that are not listed vanished.
 
     Then bring what is derived from the vectors and images up to date: a stored DBA and the
-    local features (``--local``)."""
+    local features (``--local``). ``checkpoint``: save the vector backend at the end."""
     report = IndexReport()
     known = {r.fs_path: r for r in store.records()}  # as the file system names them
     # Files that failed before are retried in chunks of their own, first: the others are
@@ -316,7 +345,7 @@ def _sync(
     finally:
         if learner is not None:
             learner.close()
-    if not report.whitening_learned:
+    if checkpoint and not report.whitening_learned:
         store.checkpoint()
     _update_dba(store)
     report.local_described = _sync_local(store, local_progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ def draw_matches(
     kpts0: np.ndarray,
     kpts1: np.ndarray,
     inlier_matches: np.ndarray,
-    out_png: str | Path,
+    out_png: str | Path | BinaryIO,
     title: str | None = None,
     max_height: int = 768,
     gap: int = 8,
@@ -45,13 +46,13 @@ def draw_matches(
             keypoints were detected in.
         kpts0, kpts1: ``(N0, 2)`` / ``(N1, 2)`` x, y pixels.
         inlier_matches: ``(I, 2)`` int pairs ``(i0, i1)`` (e.g. ``Verification.inlier_matches``).
-        out_png: the file to write (parent folders are created).
+        out_png: the file to write (parent folders are created), or a binary stream.
         title: text drawn in the top-left corner, e.g. ``"132 inliers"``.
         max_height: height of the picture without the title band, pixels.
         gap: white pixels between the two images.
 
     Returns:
-        The path written.
+        The path written (the stream, for a stream).
     """
     a, b = as_rgb_array(image0), as_rgb_array(image1)
     height = min(max(a.shape[0], b.shape[0]), int(max_height))
@@ -76,8 +77,9 @@ def draw_matches(
         band = np.full((28, canvas.shape[1], 3), 255, np.uint8)
         cv2.putText(band, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
         canvas = np.vstack([band, canvas])
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = out_png if hasattr(out_png, "write") else Path(out_png)
+    if isinstance(out, Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(out, format="PNG")
-    logger.debug("wrote %d matches to %s", len(matches), out)
+    logger.debug("drew %d matches", len(matches))
     return out

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+from PIL import Image
 
 from lookalike.images import load_image
 from lookalike.local.conf import VerifyConf, default_local_features
@@ -62,8 +63,23 @@ def match_files(
     Raises:
         ImageError: a file cannot be read; ConfigError: bad settings or weights.
     """
+    images = [load_image(p) for p in (path0, path1)]
+    result = match_images(*images, conf, out_png, extractor)
+    result.paths = (str(path0), str(path1))
+    return result
+
+
+def match_images(
+    image0: Image.Image,
+    image1: Image.Image,
+    conf: VerifyConf | None = None,
+    out_png: str | Path | BinaryIO | None = None,
+    extractor: LocalExtractor | None = None,
+) -> PairMatch:
+    """:func:`match_files` for decoded images (RGB); ``out_png`` may be a binary stream
+    (the service's ``/match`` overlay)."""
     conf = conf or default_local_features()
-    images = [np.asarray(load_image(p)) for p in (path0, path1)]
+    images = [np.asarray(image) for image in (image0, image1)]
     extractor = extractor or conf.create_extractor()
     feats0, feats1 = (extractor(image) for image in images)
     result = verify_pair(
@@ -89,4 +105,4 @@ def match_files(
             out_png,
             title=title,
         )
-    return PairMatch(result, (feats0, feats1), png, (str(path0), str(path1)), conf)
+    return PairMatch(result, (feats0, feats1), png if isinstance(png, Path) else None, conf=conf)

@@ -14,6 +14,8 @@ Endpoints (JSON; errors are ``{"error": "<one line>"}``):
   "score", "label", "metadata", "inliers"}], "took_ms"}``, best first.
 * ``POST /recognize``: ``image`` -> ``{"label", "confidence", "abstained", "neighbours"}``.
 * ``GET /info`` (settings and counts), ``GET /healthz``, ``GET /metrics`` (Prometheus text).
+* the image endpoints (``/images``, ``/images/{id}``, its thumbnail and metadata, ``/match``):
+  :mod:`lookalike.serve.images`; the web page at ``/``: :mod:`lookalike.serve.page`.
 
 A result names images by id, never by the server's file path, and no request value ever
 becomes a path: queries are uploaded bytes, ids or vectors.
@@ -23,80 +25,30 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.errors import ConfigError, ImageError, LookalikeError
 from lookalike.labels import label_of
 from lookalike.query import Query
-from lookalike.search import AUTO, Hit, Searcher
+from lookalike.search import AUTO, Hit
 from lookalike.serve.conf import ServeConf
-from lookalike.serve.guards import Admission, BodyLimit, ServiceError, check_key, sniff_image
+from lookalike.serve.guards import BodyLimit, ServiceError, check_key, sniff_image
+from lookalike.serve.images import add_image_routes
+from lookalike.serve.service import Service
 
 logger = logging.getLogger(__name__)
 
-MAX_SEARCHERS = 8  # distinct rerank lists kept open at once (each a Searcher)
 FILTER_DEPTH = 20  # with a metadata filter, k * this many results are filtered
-
-
-class Service:
-    """The state behind the app: one open index and its searchers (one per rerank list,
-    siblings sharing the store, the query model and the stage state), admission control
-    and the metrics. Thread-safe."""
-
-    def __init__(self, index_dir: str | Path, conf: ServeConf) -> None:
-        self.index_dir = Path(index_dir)
-        self.conf = conf
-        self.base = Searcher.open(self.index_dir)  # the first stage alone: rerank=none
-        self._searchers: dict[str, Searcher] = {"none": self.base}
-        self._lock = threading.Lock()
-        self.admission = Admission(conf.max_active, conf.max_queued)
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "lookalike_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "lookalike_request_seconds", "request latency", ["endpoint"], registry=self.registry
-        )
-        self.images = Gauge("lookalike_index_images", "searchable images", registry=self.registry)
-        self.shed = Gauge(
-            "lookalike_shed_requests", "requests refused with 503", registry=self.registry
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._searchers.clear()
-            self.base.close()  # the siblings own nothing
-
-    def searcher(self, rerank: str) -> Searcher:
-        """The searcher for a ``rerank`` parameter (``auto``, ``none`` or stage names)."""
-        key = (rerank or AUTO).strip().lower() or AUTO
-        with self._lock:
-            if key not in self._searchers:
-                if len(self._searchers) >= MAX_SEARCHERS:
-                    raise ServiceError(
-                        422, f"at most {MAX_SEARCHERS} distinct rerank lists are served"
-                    )
-                stages = AUTO if key == AUTO else [s.strip() for s in key.split(",")]
-                self._searchers[key] = self.base.with_stages(stages)
-            return self._searchers[key]
 
 
 def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -162,7 +114,8 @@ async def _query(request: Request, service: Service, box) -> Query:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ServiceError(422, "send the query image as the multipart field 'image'")
-        data = sniff_image(await upload.read(), "the uploaded image")
+        data = await upload.read()
+        sniff_image(data, "the uploaded image")
         return Query(image=data, box=box, name="upload")
     if kind.startswith("application/json"):
         try:
@@ -229,6 +182,7 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
             write = request.method in ("POST", "PUT", "DELETE", "PATCH") and endpoint not in (
                 "/search",
                 "/recognize",
+                "/match",
             )
             if write or conf.auth == "all":
                 check_key(request.headers, conf.api_key, conf.no_auth, write)
@@ -241,6 +195,10 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
 
     app.add_exception_handler(ServiceError, lambda request, error: _error(error))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):  # 404, 405 routing
+        return _error(ServiceError(error.status_code, str(error.detail), error.headers))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
         return _error(ServiceError(422, f"bad request: {error.errors()[0].get('msg', error)}"))
@@ -250,12 +208,7 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
         status = 422 if isinstance(error, ConfigError | ImageError) else 500
         return _error(ServiceError(status, str(error)))
 
-    async def run(fn):
-        def guarded():
-            with service.admission.slot():
-                return fn()
-
-        return await anyio.to_thread.run_sync(guarded)
+    run = service.run
 
     @app.post("/search")
     async def search(request: Request):
@@ -296,6 +249,7 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
         data = await run(lambda: index_info(service.index_dir))
         data["failed"] = len(data.get("failed") or [])  # counts only: no server paths
         data.pop("index", None)
+        data["writable"] = service.writer is not None
         return data
 
     @app.get("/healthz")
@@ -308,6 +262,7 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
         service.shed.set(service.admission.refused)
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_image_routes(app, service)
     app.add_middleware(BodyLimit, limit=conf.max_upload_bytes)  # outermost: before parsing
     return app
 

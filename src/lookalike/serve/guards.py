@@ -144,8 +144,14 @@ async def _too_large(send: Any, limit: int) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-def sniff_image(data: bytes, name: str = "upload") -> bytes:
-    """Check that ``data`` is a decodable image of sane size; returns it unchanged.
+# what an image format is kept as (an extension lookalike indexes); by PIL's format name
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
+              "TIFF": "tif", "GIF": "gif"}  # fmt: skip
+
+
+def sniff_image(data: bytes, name: str = "upload") -> str:
+    """Check that ``data`` is a decodable image of sane size; returns its file extension
+    (:data:`EXTENSIONS`, from the bytes).
 
     Raises:
         ServiceError: 415 not an image (by its bytes), 422 too many pixels or corrupt.
@@ -157,6 +163,7 @@ def sniff_image(data: bytes, name: str = "upload") -> bytes:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
+                fmt = img.format or ""
     except Image.DecompressionBombError:
         raise ServiceError(422, f"{name} claims an absurd size (a decompression bomb?)") from None
     except Exception:
@@ -169,7 +176,9 @@ def sniff_image(data: bytes, name: str = "upload") -> bytes:
         decode_image(data, max_side=64, max_pixels=MAX_UPLOAD_PIXELS, name=name)
     except ImageError as error:
         raise ServiceError(422, str(error)) from None
-    return data
+    if fmt not in EXTENSIONS:
+        raise ServiceError(415, f"{name} is a {fmt or 'unknown'} image; send JPEG, PNG or WebP")
+    return EXTENSIONS[fmt]
 
 
 class Admission:
@@ -186,6 +195,15 @@ class Admission:
         self.inside = 0  # active + waiting
         self.refused = 0  # requests shed with 503
 
+    def busy(self, message: str) -> ServiceError:
+        """A ``503`` with ``Retry-After`` to raise (counted as shed load)."""
+        with self._lock:
+            return self._busy(message)
+
+    def _busy(self, message: str) -> ServiceError:
+        self.refused += 1
+        return ServiceError(503, message, {"Retry-After": str(RETRY_AFTER_S)})
+
     @contextmanager
     def slot(self):
         """Hold a slot for the duration of the block.
@@ -195,12 +213,7 @@ class Admission:
         """
         with self._lock:
             if self.inside >= self.max_active + self.max_queued:
-                self.refused += 1
-                raise ServiceError(
-                    503,
-                    "the service is busy: retry shortly",
-                    {"Retry-After": str(RETRY_AFTER_S)},
-                )
+                raise self._busy("the service is busy: retry shortly")
             self.inside += 1
         try:
             with self._slots:
