@@ -191,6 +191,10 @@ def test_auth_all_needs_the_key(locked: SimpleNamespace) -> None:
     assert httpx.get(url, headers={"X-API-Key": KEY}).status_code == 200
     search = upload(f"{locked.url}/search", png("coffee"), headers={"X-API-Key": KEY})
     assert search.status_code == 200
+    one_line_error(httpx.get(f"{locked.url}/images/1/thumbnail"), 401)
+    # the page itself holds no data: it loads, and asks for the key
+    assert httpx.get(f"{locked.url}/").status_code == 200
+    assert httpx.get(f"{locked.url}/app.js").status_code == 200
 
 
 def test_writes_are_refused_without_a_configured_key(server: SimpleNamespace) -> None:

@@ -44,6 +44,7 @@ from lookalike.search import AUTO, Hit
 from lookalike.serve.conf import ServeConf
 from lookalike.serve.guards import BodyLimit, ServiceError, check_key, sniff_image
 from lookalike.serve.images import add_image_routes
+from lookalike.serve.page import PAGES, add_page_routes
 from lookalike.serve.service import Service
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
                 "/recognize",
                 "/match",
             )
-            if write or conf.auth == "all":
+            if write or (conf.auth == "all" and endpoint not in PAGES):  # the page holds no data
                 check_key(request.headers, conf.api_key, conf.no_auth, write)
             response = await call_next(request)
         except ServiceError as error:
@@ -263,6 +264,7 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
     add_image_routes(app, service)
+    add_page_routes(app)
     app.add_middleware(BodyLimit, limit=conf.max_upload_bytes)  # outermost: before parsing
     return app
 
