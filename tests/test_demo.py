@@ -147,6 +147,7 @@ def test_demo_end_to_end(
     assert inliers >= 20
     # the same index searched over HTTP by the service, for a moment
     assert result.served is not None and result.served["id"] == result.queries[0].hits[0].id
+    assert result.page
     assert "the same search over HTTP" in out and "http://127.0.0.1:8000/docs" in out
 
     # running it again re-syncs the existing index instead of failing

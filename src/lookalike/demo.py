@@ -118,6 +118,7 @@ class DemoResult:
     seconds: float = 0.0  # wall time of the whole run
     match_png: Path | None = None  # the inlier matches of one query and its top result
     served: dict | None = None  # the top result of one query searched over HTTP
+    page: bool = False  # the service's web page answered at /
 
     @property
     def accuracy(self) -> float:
@@ -371,6 +372,9 @@ def _search_over_http(console: Console, result: DemoResult) -> None:
         reply = httpx.post(f"{url}/search", files=files, params={"k": 1})
         reply.raise_for_status()
         (top,) = reply.json()["results"]
+        page = httpx.get(f"{url}/")
+        page.raise_for_status()
+        result.page = "text/html" in page.headers["content-type"]
     (record,) = [h for h in query.hits if h.id == top["id"]] or [None]
     name = Path(record.path).stem if record is not None else f"id {top['id']}"
     result.served = top
@@ -380,8 +384,8 @@ def _search_over_http(console: Console, result: DemoResult) -> None:
         f"(score {top['score']:.2f}{verified})"
     )
     console.print(
-        f"  serve it yourself: .venv/bin/lookalike serve --index {index} and open "
-        "http://127.0.0.1:8000/docs",
+        f"  serve it yourself: .venv/bin/lookalike serve --index {index}, then open "
+        "http://127.0.0.1:8000/ (the web page; the API at /docs)",
         highlight=False,
     )
 
