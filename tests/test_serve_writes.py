@@ -287,3 +287,14 @@ def test_sigkill_during_writes_loses_no_acknowledged_write(gallery: dict, tmp_pa
         proc.kill()
         proc.wait(30)
     assert len(acked) >= 5
+
+
+def test_metrics_name_routes_not_ids(server: SimpleNamespace) -> None:
+    for image_id in (1, 2, 999999):
+        httpx.get(f"{server.url}/images/{image_id}")
+    httpx.get(f"{server.url}/no/such/thing")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'endpoint="/images/{image_id}",status="200"' in text
+    assert 'endpoint="/images/{image_id}",status="404"' in text
+    assert 'endpoint="unmatched",status="404"' in text
+    assert "/images/999999" not in text and "/no/such" not in text

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.errors import ConfigError, ImageError, LookalikeError
@@ -116,7 +117,7 @@ async def _query(request: Request, service: Service, box) -> Query:
         if upload is None or isinstance(upload, str):
             raise ServiceError(422, "send the query image as the multipart field 'image'")
         data = await upload.read()
-        sniff_image(data, "the uploaded image")
+        sniff_image(data, "the uploaded image", decode=False)  # the search decodes it next
         return Query(image=data, box=box, name="upload")
     if kind.startswith("application/json"):
         try:
@@ -174,25 +175,6 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
-
-    @app.middleware("http")
-    async def metrics_and_auth(request: Request, call_next):
-        endpoint = request.scope.get("path", "")
-        started = time.perf_counter()
-        try:
-            write = request.method in ("POST", "PUT", "DELETE", "PATCH") and endpoint not in (
-                "/search",
-                "/recognize",
-                "/match",
-            )
-            if write or (conf.auth == "all" and endpoint not in PAGES):  # the page holds no data
-                check_key(request.headers, conf.api_key, conf.no_auth, write)
-            response = await call_next(request)
-        except ServiceError as error:
-            response = _error(error)
-        service.requests.labels(endpoint, str(response.status_code)).inc()
-        service.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
 
     app.add_exception_handler(ServiceError, lambda request, error: _error(error))
 
@@ -265,8 +247,50 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
 
     add_image_routes(app, service)
     add_page_routes(app)
+    app.add_middleware(Gatekeeper, service=service)
     app.add_middleware(BodyLimit, limit=conf.max_upload_bytes)  # outermost: before parsing
     return app
+
+
+READS = ("/search", "/recognize", "/match")  # POST endpoints that change nothing
+
+
+class Gatekeeper:
+    """ASGI middleware: the key check before anything runs (writes always, every request
+    but the page with ``--auth all``), then the request count and latency by route
+    template (``/images/{image_id}``, so the metrics stay bounded). Pure ASGI rather than
+    ``@app.middleware``: it adds no task and no response copy to a request."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        conf, path, started = self.service.conf, scope["path"], time.perf_counter()
+        status = 500
+
+        async def observed(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            write = scope["method"] in ("POST", "PUT", "DELETE", "PATCH") and path not in READS
+            if write or (conf.auth == "all" and path not in PAGES):  # the page holds no data
+                check_key(Headers(scope=scope), conf.api_key, conf.no_auth, write)
+        except ServiceError as error:
+            await _error(error)(scope, receive, observed)
+        else:
+            await self.app(scope, receive, observed)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.service.requests.labels(endpoint, str(status)).inc()
+            self.service.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
 def _error(error: ServiceError) -> JSONResponse:

@@ -149,9 +149,10 @@ EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": 
               "TIFF": "tif", "GIF": "gif"}  # fmt: skip
 
 
-def sniff_image(data: bytes, name: str = "upload") -> str:
+def sniff_image(data: bytes, name: str = "upload", decode: bool = True) -> str:
     """Check that ``data`` is a decodable image of sane size; returns its file extension
-    (:data:`EXTENSIONS`, from the bytes).
+    (:data:`EXTENSIONS`, from the bytes). ``decode=False`` checks the header only: for a
+    query, whose decoding (and its ``ImageError``, answered ``422``) comes next anyway.
 
     Raises:
         ServiceError: 415 not an image (by its bytes), 422 too many pixels or corrupt.
@@ -172,12 +173,13 @@ def sniff_image(data: bytes, name: str = "upload") -> str:
         raise ServiceError(
             422, f"{name} is {width}x{height} pixels, over the {MAX_UPLOAD_PIXELS:,} limit"
         )
-    try:
-        decode_image(data, max_side=64, max_pixels=MAX_UPLOAD_PIXELS, name=name)
-    except ImageError as error:
-        raise ServiceError(422, str(error)) from None
     if fmt not in EXTENSIONS:
         raise ServiceError(415, f"{name} is a {fmt or 'unknown'} image; send JPEG, PNG or WebP")
+    if decode:
+        try:
+            decode_image(data, max_side=64, max_pixels=MAX_UPLOAD_PIXELS, name=name)
+        except ImageError as error:
+            raise ServiceError(422, str(error)) from None
     return EXTENSIONS[fmt]
 
 
