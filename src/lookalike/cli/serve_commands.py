@@ -32,7 +32,7 @@ def add_serve_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auth", action="store_true", help="serve writes without a key")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (20)")
     p.add_argument(
-        "--max-active", type=int, default=2, metavar="N", help="requests at work at once (2)"
+        "--max-active", type=int, metavar="N", help="requests at work at once (2 per core)"
     )
     p.add_argument(
         "--max-queued", type=int, default=16, metavar="N", help="requests waiting; past: 503 (16)"
@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace, ui: Ui) -> int:
         api_key=key,
         no_auth=args.no_auth,
         max_upload_mb=args.max_upload_mb,
-        max_active=args.max_active,
+        **({} if args.max_active is None else {"max_active": args.max_active}),
         max_queued=args.max_queued,
         cors=tuple(args.cors),
     )

@@ -189,7 +189,10 @@ def create_app(index_dir: str | Path, conf: ServeConf | None = None) -> FastAPI:
     @app.exception_handler(LookalikeError)
     async def refused(request: Request, error: LookalikeError):
         status = 422 if isinstance(error, ConfigError | ImageError) else 500
-        return _error(ServiceError(status, str(error)))
+        message = str(error)
+        for root in {str(service.index_dir.resolve()), str(service.index_dir)}:
+            message = message.replace(root, "<index>")  # no server path in an answer
+        return _error(ServiceError(status, message))
 
     run = service.run
 

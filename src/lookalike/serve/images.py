@@ -28,7 +28,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 
-from lookalike.errors import LookalikeError
+from lookalike.errors import ConfigError, ImageError, LookalikeError
 from lookalike.index.conf import ImageRecord
 from lookalike.labels import LABEL_KEY, label_of
 from lookalike.serve.guards import ServiceError, sniff_image
@@ -96,10 +96,12 @@ def add_image_routes(app: FastAPI, service: Service) -> None:
         return record
 
     async def committed(future) -> object:
+        """What the writer answers once the change is committed; an image it could not
+        describe is ``422``, any other error (a full disk) the app's ``500``."""
         try:
             return await asyncio.wrap_future(future)
-        except LookalikeError as error:
-            raise ServiceError(422, " ".join(str(error).split())) from None
+        except (ImageError, ConfigError) as error:
+            raise ServiceError(422, str(error)) from None
 
     @app.post("/images", status_code=201)
     async def add(request: Request):

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from lookalike.errors import LookalikeError
+from lookalike.errors import ImageError, IndexStateError, LookalikeError
 from lookalike.images import file_hash
 from lookalike.index import IndexStore
 from lookalike.labels import LABEL_KEY
@@ -88,7 +88,8 @@ class Writer:
 
     def add(self, data: bytes, fmt: str, metadata: dict | None = None) -> concurrent.futures.Future:
         """Queue an upload (bytes already sniffed as an image of format ``fmt``); the future
-        gives :class:`Added` once committed, or raises ``LookalikeError`` (undescribable)."""
+        gives :class:`Added` once committed, or raises ``ImageError`` (it could not be
+        described) or the ``LookalikeError`` that stopped the commit (a full disk)."""
         return self._put(_Change("add", self._future(), data=data, fmt=fmt, metadata=metadata))
 
     def remove(self, image_id: int) -> concurrent.futures.Future:
@@ -205,7 +206,7 @@ class Writer:
         for path, changes in paths.items():
             record = self.store.find_path(str(path))
             if record is None or record.status != "ok":
-                error = LookalikeError(
+                error = ImageError(
                     "the image could not be described: "
                     + (record.error if record is not None and record.error else "unknown error")
                 )
@@ -226,10 +227,12 @@ class Writer:
             with contextlib.suppress(OSError):
                 if file_hash(path.read_bytes()) == path.stem:
                     return
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fsync_dir(path.parent.parent)
-            fsync_dir(path.parent.parent.parent)
+        for folder in (path.parent.parent, path.parent):  # uploads/, uploads/ab/
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise IndexStateError(f"{folder} is not a directory of this index; remove it")
+            if not folder.exists():
+                folder.mkdir()
+                fsync_dir(folder.parent)
         atomic_write_bytes(path, data)
 
     def _remove(self, run: list[_Change]) -> None:

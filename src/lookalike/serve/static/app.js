@@ -204,7 +204,13 @@ function resultCell(result) {
   const name = result.label ? `${result.label}, image #${result.id}` : `image #${result.id}`;
   cell.setAttribute("aria-label", `rank ${result.rank}: ${name}, score ${result.score.toFixed(3)}`);
   const thumb = document.createElement("img");
-  thumb.src = `/images/${encodeURIComponent(result.id)}/thumbnail`;
+  const thumbUrl = `/images/${encodeURIComponent(result.id)}/thumbnail`;
+  if (authHeaders().Authorization) {  // with --auth all an <img src> could not send the key
+    call(thumbUrl).then((r) => r.blob()).then((blob) => { thumb.src = URL.createObjectURL(blob); })
+      .catch(() => thumb.classList.add("missing"));
+  } else {
+    thumb.src = thumbUrl;
+  }
   thumb.alt = "";
   thumb.loading = "lazy";
   thumb.addEventListener("error", () => thumb.classList.add("missing"), { once: true });
