@@ -8,6 +8,7 @@ for) is :func:`lookalike.indexing.resolve_settings`'s, checking local-feature op
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,19 @@ DEVICES = ("auto", "cpu", "cuda")
 LOCAL_CHOICES = ("sift", "rootsift", "orb", "akaze", "aliked", "aliked-n16rot")
 FUSION_CHOICES = ("inliers", "sim_sqrt_inliers", "sim_plus_inliers")
 BACKEND_CHOICES = ("faiss", "numpy")  # lookalike.index.conf.BACKEND_NAMES
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """An argparse ``type``: a size like ``512MB``, ``1.5G`` or ``2000000`` (binary units),
+    in bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    value = 0 if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 512MB or 1GB, got {text!r}")
+    return value
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -99,6 +113,12 @@ def add_descriptor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=BACKEND_CHOICES, help="vector backend of a new index (faiss)"
     )
+    p.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        metavar="SIZE",
+        help="--index-preset auto: what its structure may hold in RAM, e.g. 512MB (1GB)",
+    )
     p.add_argument("--workers", type=int_at_least(0), help="image decoding processes")
     p.add_argument("--device", choices=DEVICES, help="where the model runs")
     p.add_argument("--chunk", type=int_at_least(1), default=32, help=argparse.SUPPRESS)
@@ -106,7 +126,7 @@ def add_descriptor_options(p: argparse.ArgumentParser) -> None:
 
 SETTINGS_OPTIONS = (  # resolve_settings keywords that add_descriptor_options names
     "model", "weights", "image_size", "pooling", "factory", "index_preset", "backend",
-    "device", "workers",
+    "memory_budget", "device", "workers",
 )  # fmt: skip
 
 

@@ -236,6 +236,7 @@ def evaluate(
     factory: str | None = None,
     index_preset: str | None = None,
     backend: str | None = None,
+    memory_budget: int | None = None,
     device: str | None = None,
     workers: int | None = None,
     labels: str | Path | None = None,
@@ -266,6 +267,7 @@ def evaluate(
         factory=factory,
         index_preset=index_preset,
         backend=backend,
+        memory_budget=memory_budget,
         device=device,
         workers=workers,
     )

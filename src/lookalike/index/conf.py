@@ -17,6 +17,8 @@ from lookalike.errors import ConfigError
 # Spelled out so that reading a configuration imports no engine; a test checks them against
 # lookalike.index.backends.BACKENDS.
 BACKEND_NAMES = ("faiss", "numpy")
+AUTO_FACTORY = "auto"  # the faiss structure chosen from the collection's size and a budget
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes an "auto" structure may hold (vectors or codes, links)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class IndexConf:
     nprobe: int = 16  # IVF: inverted lists visited per query, more = slower, better; else ignored
     ef_search: int = 128  # HNSW: candidate list size per query, more = slower, better; else ignored
     backend: str = "faiss"  # vector engine, a BACKEND_NAMES entry; "numpy" is the plain reference
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # factory "auto": bytes the structure may hold
 
     def __post_init__(self) -> None:
         if not isinstance(self.factory, str) or not self.factory.strip():
@@ -35,19 +38,22 @@ class IndexConf:
             raise ConfigError(
                 f"unknown vector backend {self.backend!r}; choose one of {', '.join(BACKEND_NAMES)}"
             )
-        for name in ("nprobe", "ef_search"):
+        for name in ("nprobe", "ef_search", "memory_budget"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
     def to_dict(self) -> dict:
-        """The ``index`` section of the manifest."""
-        return {
+        """The ``index`` section of the manifest (the memory budget only for ``auto``)."""
+        out = {
             "backend": self.backend,
             "factory": self.factory,
             "nprobe": int(self.nprobe),
             "ef_search": int(self.ef_search),
         }
+        if self.factory == AUTO_FACTORY:
+            out["memory_budget"] = int(self.memory_budget)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> IndexConf:
@@ -59,6 +65,7 @@ class IndexConf:
             nprobe=data.get("nprobe", defaults.nprobe),
             ef_search=data.get("ef_search", defaults.ef_search),
             backend=data.get("backend", defaults.backend),
+            memory_budget=data.get("memory_budget", defaults.memory_budget),
         )
 
 
@@ -72,6 +79,9 @@ INDEX_PRESETS: dict[str, IndexConf] = {
     "ivfsq8": IndexConf(factory="IVF1024,SQ8"),  # inverted lists of 8-bit codes, trained at 41k
     "ivfpq": IndexConf(factory="IVF1024,PQ32"),  # 32-byte product codes: large collections
     "numpy": IndexConf(backend="numpy"),  # plain numpy brute force: the reference backend
+    # exact while that is fast, HNSW while it fits the memory budget, IVF-PQ beyond; switches
+    # at a checkpoint as the collection grows (lookalike.index.backends.faiss_backend)
+    "auto": IndexConf(factory=AUTO_FACTORY),
 }
 
 

@@ -7,6 +7,7 @@ settings is refused by the index with a message naming each difference.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def resolve_settings(
     factory: str | None = None,
     index_preset: str | None = None,
     backend: str | None = None,
+    memory_budget: int | None = None,
     device: str | None = None,
     workers: int | None = None,
 ) -> Settings:
@@ -55,7 +57,8 @@ def resolve_settings(
 
     Descriptor: the index's own unless ``preset`` or a descriptor option is given (then that
     preset, default ``default``, with the options). Structure: ``factory`` / ``index_preset``
-    (plus ``backend``), else the index's own, else the default. ``device`` and ``workers``
+    (plus ``backend``, and ``memory_budget`` for ``auto``), else the index's own, else the
+    default. ``device`` and ``workers``
     only change how the run goes.
 
     Raises:
@@ -83,7 +86,10 @@ def resolve_settings(
         conf = get_preset(name).replace(**overrides) if overrides else get_preset(name)
     runtime = {k: v for k, v in (("device", device), ("workers", workers)) if v is not None}
     conf = conf.replace(**runtime) if runtime else conf
-    return Settings(name, conf, _index_conf(manifest, factory, index_preset, backend))
+    index_conf = _index_conf(manifest, factory, index_preset, backend)
+    if memory_budget is not None:
+        index_conf = dataclasses.replace(index_conf, memory_budget=int(memory_budget))
+    return Settings(name, conf, index_conf)
 
 
 def _is_model_dir(model: str) -> bool:

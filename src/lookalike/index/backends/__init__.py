@@ -103,6 +103,9 @@ def build_backend(
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     backend = create_backend(conf, dim)
+    plan = getattr(backend, "plan", None)  # faiss "auto" picks its structure for n vectors
+    if plan is not None:
+        backend = plan(n)
     if not backend.trained:
         need = backend.train_size
         if n < need:

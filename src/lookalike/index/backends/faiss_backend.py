@@ -23,6 +23,7 @@ positions are dead) rebuilds the structure without them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,7 +34,7 @@ import numpy as np
 from lookalike.confined import DigestReader
 from lookalike.errors import ConfigError
 from lookalike.index.backends.base import CheckpointError, DigestMismatch
-from lookalike.index.conf import INDEX_PRESETS, IndexConf, faiss_message
+from lookalike.index.conf import AUTO_FACTORY, INDEX_PRESETS, IndexConf, faiss_message
 from lookalike.storage import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,45 @@ MIN_TRAIN = 1000  # least training vectors of any trained structure
 TRAIN_SAMPLE_PER_LIST = 100  # training vectors per IVF list: plenty for k-means, bounded RAM
 TRAIN_SAMPLE_MIN = 65536  # PQ/SQ codebooks: faiss subsamples 256 x 256 per sub-quantizer
 DEAD_REBUILD_FRACTION = 0.25  # checkpoint() rebuilds a tombstoned structure past this
+
+# "auto" (autofaiss's rule of thumb, measured here in benchmarks/ann.py)
+AUTO_EXACT_FLOATS = 1 << 24  # exact while n * d is at most this (64k x 256-d: ~2 ms a query)
+AUTO_HNSW_M = 32  # graph degree of the HNSW structures "auto" picks
+AUTO_MARGIN = 0.1  # switch only when the size is this far past a threshold (no flapping)
+
+
+def auto_structure(n: int, dim: int, budget: int) -> str:
+    """The faiss structure ``auto`` holds ``n`` ``dim``-d vectors in: exact (``Flat``)
+    while a query over them is fast and they fit ``budget`` bytes, then ``HNSW32`` while its
+    vectors and links fit, then ``HNSW32,SQ8`` (8-bit codes), then IVF-PQ with about
+    ``4 sqrt(n)`` lists (a power of two, 40 training vectors each) and 8 dimensions per
+    byte of code."""
+    links = 2 * AUTO_HNSW_M * 4 + 8  # level-0 links and the id of a vector, bytes
+    if n * dim <= AUTO_EXACT_FLOATS and n * (4 * dim + 8) <= budget:
+        return "Flat"
+    if n * (4 * dim + links) <= budget:
+        return f"HNSW{AUTO_HNSW_M}"
+    if n * (dim + links) <= budget:
+        return f"HNSW{AUTO_HNSW_M},SQ8"
+    nlist = 1 << max(8, min(16, round(np.log2(max(4 * np.sqrt(n), 1)))))
+    while nlist > 256 and TRAIN_PER_LIST * nlist > n:
+        nlist //= 2
+    m = next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def structure_of(index: faiss.Index) -> str:
+    """The factory string of a structure ``auto`` built (read back from a checkpoint)."""
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexIDMap2):
+        top = faiss.downcast_index(top.index)
+    if isinstance(top, faiss.IndexIVFPQ):
+        return f"IVF{top.nlist},PQ{top.pq.M}"
+    if isinstance(top, faiss.IndexHNSWSQ):
+        return f"HNSW{top.hnsw.nb_neighbors(1)},SQ8"
+    if isinstance(top, faiss.IndexHNSWFlat):
+        return f"HNSW{top.hnsw.nb_neighbors(1)}"
+    return "Flat"
 
 
 def validate_factory(factory: str, dim: int) -> None:
@@ -148,9 +188,20 @@ class FaissBackend:
 
     name = "faiss"
 
-    def __init__(self, index: faiss.Index, conf: IndexConf, fallback: bool) -> None:
+    def __init__(
+        self, index: faiss.Index, conf: IndexConf, fallback: bool, structure: str | None = None
+    ) -> None:
         self.conf = conf
+        self.structure = structure or conf.factory  # the factory built ("auto" picks one)
         self._set_index(index, fallback)
+
+    @property
+    def auto(self) -> bool:
+        return self.conf.factory == AUTO_FACTORY
+
+    def _built(self) -> IndexConf:
+        """``conf`` with the structure built: what :func:`make_index` takes."""
+        return dataclasses.replace(self.conf, factory=self.structure)
 
     def _set_index(self, index: faiss.Index, fallback: bool) -> None:
         self.index = index
@@ -173,17 +224,31 @@ class FaissBackend:
 
     @classmethod
     def validate(cls, conf: IndexConf, dim: int) -> None:
-        validate_factory(conf.factory, dim)
+        if conf.factory != AUTO_FACTORY:
+            validate_factory(conf.factory, dim)
 
     @classmethod
-    def create(cls, conf: IndexConf, dim: int) -> FaissBackend:
+    def create(cls, conf: IndexConf, dim: int, size: int = 0) -> FaissBackend:
         """No vectors: the configured structure, or the flat fallback if it needs training.
+        ``auto`` builds the structure for ``size`` vectors (:func:`auto_structure`).
         ``ConfigError`` (with faiss's reason) for a factory faiss cannot build."""
-        validate_factory(conf.factory, dim)
-        index = make_index(conf, dim)
+        structure = conf.factory
+        if conf.factory == AUTO_FACTORY:
+            structure = auto_structure(int(size), int(dim), conf.memory_budget)
+            logger.info("auto: %s for %d vectors of %d-d", structure, size, dim)
+        validate_factory(structure, dim)
+        index = make_index(dataclasses.replace(conf, factory=structure), dim)
         if index.is_trained:
-            return cls(with_ids(index), conf, fallback=False)
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim))), conf, fallback=True)
+            return cls(with_ids(index), conf, fallback=False, structure=structure)
+        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(int(dim)))
+        return cls(flat, conf, fallback=True, structure=structure)
+
+    def plan(self, size: int) -> FaissBackend:
+        """The backend to build for ``size`` vectors: this one, or (``auto``, still empty)
+        one of the structure :func:`auto_structure` picks for that size."""
+        if not self.auto or self.ntotal or size == 0:
+            return self
+        return type(self).create(self.conf, self.dim, size)
 
     @classmethod
     def load(cls, path: Path, conf: IndexConf, sha: str | None = None) -> FaissBackend:
@@ -199,6 +264,8 @@ class FaissBackend:
             raise DigestMismatch(f"{path} is not the checkpoint the manifest records")
         if not isinstance(index, faiss.IndexIDMap2) and not _native_ids(index):
             raise CheckpointError(f"{path} holds a {type(index).__name__} without image ids")
+        if conf.factory == AUTO_FACTORY:  # the structure is what was built
+            return cls(index, conf, fallback=False, structure=structure_of(index))
         fallback = False
         if isinstance(index, faiss.IndexIDMap2) and not make_index(conf, index.d).is_trained:
             inner = faiss.downcast_index(index.index)
@@ -209,7 +276,7 @@ class FaissBackend:
         """Replace the exact stand-in by the configured structure trained on ``sample``."""
         if self.ntotal:
             raise ValueError("train() needs an empty backend; rebuild from the vectors")
-        index = make_index(self.conf, self.dim)
+        index = make_index(self._built(), self.dim)
         if not index.is_trained:
             index.train(np.ascontiguousarray(sample, dtype=np.float32))
         self._set_index(with_ids(index), fallback=False)
@@ -248,12 +315,12 @@ class FaissBackend:
 
     @property
     def train_size(self) -> int:
-        return min_train_size(make_index(self.conf, self.dim)) if self.fallback else 0
+        return min_train_size(make_index(self._built(), self.dim)) if self.fallback else 0
 
     @property
     def train_sample(self) -> int:
         """Training vectors drawn by :func:`~lookalike.index.backends.build_backend`."""
-        return _train_sample_size(make_index(self.conf, self.dim))
+        return _train_sample_size(make_index(self._built(), self.dim))
 
     def __len__(self) -> int:
         return self.n_live
@@ -272,8 +339,18 @@ class FaissBackend:
         return self.ntotal - self.n_live
 
     def wants_rebuild(self) -> bool:
-        """Whether too many tombstones make a rebuild worth it."""
-        return self.n_dead > 0 and self.n_dead >= DEAD_REBUILD_FRACTION * max(self.ntotal, 1)
+        """Whether too many tombstones make a rebuild worth it, or (``auto``) the collection
+        has grown or shrunk past the size where another structure is chosen."""
+        if self.n_dead > 0 and self.n_dead >= DEAD_REBUILD_FRACTION * max(self.ntotal, 1):
+            return True
+        if not self.auto:
+            return False
+        n, budget = self.n_live, self.conf.memory_budget
+        wanted = auto_structure(n, self.dim, budget)
+        settled = {
+            auto_structure(round(n * (1 + s * AUTO_MARGIN)), self.dim, budget) for s in (-1, 1)
+        }
+        return wanted != self.structure and settled == {wanted}
 
     def set_search_params(self, conf: IndexConf) -> None:
         self.conf = conf
@@ -306,7 +383,7 @@ class FaissBackend:
     def stats(self) -> dict[str, Any]:
         return {
             "backend": self.name,
-            "structure": "Flat (exact, until trained)" if self.fallback else self.conf.factory,
+            "structure": self._describe(),
             "live": self.n_live,
             "dead": self.n_dead,
             "trained": self.trained,
@@ -314,17 +391,21 @@ class FaissBackend:
             "search_params": self.search_params(),
         }
 
+    def _describe(self) -> str:
+        built = "Flat (exact, until trained)" if self.fallback else self.structure
+        return f"auto: {built}" if self.auto else built
+
     def apply_search_params(self) -> None:
         """Set ``nprobe`` (IVF) and ``efSearch`` (HNSW) where the structure has them."""
         space = faiss.ParameterSpace()
         if faiss.try_extract_index_ivf(self.index) is not None:
             space.set_index_parameter(self.index, "nprobe", int(self.conf.nprobe))
-        if "HNSW" in self.conf.factory.upper() and not self.fallback:
+        if "HNSW" in self.structure.upper() and not self.fallback:
             try:
                 space.set_index_parameter(self.index, "efSearch", int(self.conf.ef_search))
             except RuntimeError as error:
                 logger.debug(
-                    "efSearch not applicable to %s: %s", self.conf.factory, faiss_message(error)
+                    "efSearch not applicable to %s: %s", self.structure, faiss_message(error)
                 )
 
     def _init_tombstones(self) -> None:

@@ -1,0 +1,107 @@
+"""``--index-preset auto``: the faiss structure follows the collection's size and a memory
+budget, switching at a checkpoint (rebuilt, trained, written atomically) as it grows.
+
+The thresholds are lowered so that a few thousand 32-d vectors cross them all: exact, then
+HNSW, then HNSW over 8-bit codes, then IVF-PQ; search results are checked before and after
+each switch, and a reader opening the index loads the structure that was built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from index_helpers import DESCRIPTOR, D, images, unit
+
+from lookalike.index import IndexConf, IndexStore
+from lookalike.index.backends import faiss_backend
+from lookalike.index.backends.faiss_backend import auto_structure
+from lookalike.index.conf import INDEX_PRESETS
+from lookalike.index.conf import IndexConf as Conf
+
+
+def test_auto_structure_grows_with_the_collection_and_shrinks_with_the_budget() -> None:
+    gib = 1 << 30
+    seen = [auto_structure(n, 256, gib) for n in (1_000, 100_000, 1_000_000, 3_000_000)]
+    assert seen[:3] == ["Flat", "HNSW32", "HNSW32,SQ8"]
+    assert seen[3].startswith("IVF") and seen[3].endswith(",PQ32")  # 32-byte codes at 256-d
+    # a smaller budget moves to compressed structures sooner
+    assert auto_structure(100_000, 256, 64 << 20) == "HNSW32,SQ8"
+    assert auto_structure(1_000_000, 256, 256 << 20).startswith("IVF")
+    # IVF lists: a power of two with 40 training vectors each
+    nlist = int(auto_structure(10_000_000, 256, gib)[3:].split(",")[0])
+    assert nlist & (nlist - 1) == 0 and 40 * nlist <= 10_000_000
+    assert INDEX_PRESETS["auto"].factory == "auto"
+
+
+def test_the_budget_is_recorded_only_for_auto() -> None:
+    assert "memory_budget" not in Conf().to_dict()
+    auto = Conf(factory="auto", memory_budget=123456)
+    assert Conf.from_dict(auto.to_dict()) == auto
+    with pytest.raises(Exception, match="memory_budget"):
+        Conf(factory="auto", memory_budget=0)
+
+
+def structure(store: IndexStore) -> str:
+    return store.stats()["structure"]
+
+
+def self_hits(store: IndexStore, x: np.ndarray, ids: list[int]) -> float:
+    """The fraction of stored vectors found first when searched with themselves."""
+    _, found = store.search(x, 1)
+    return float(np.mean(found[:, 0] == np.asarray(ids)))
+
+
+def test_auto_switches_structure_at_checkpoints(root: Path, monkeypatch) -> None:
+    monkeypatch.setattr(faiss_backend, "AUTO_EXACT_FLOATS", 300 * D)  # exact up to 300
+    budget = 1_400_000  # bytes: float HNSW up to 3,571 32-d vectors, SQ8 up to 4,729
+    x = unit(12_000, seed=3)
+    conf = IndexConf(factory="auto", memory_budget=budget)
+    with IndexStore.create(root, DESCRIPTOR, D, conf) as store:
+        ids: list[int] = []
+        steps = []
+        for end, found in ((200, 1.0), (1_000, 0.99), (4_000, 0.9), (12_000, 0.05)):
+            ids += store.add(images(end - len(ids), prefix=f"/p{end}"), x[len(ids) : end])
+            before = structure(store)
+            store.checkpoint()
+            steps.append((before, structure(store)))
+            assert self_hits(store, x[:end], ids) >= found  # 4-byte codes of 32-d noise: poor
+        assert store.manifest.index == conf  # the setting stays "auto"; the structure moves
+        expected = store.search(x[:500], 10)[1]
+    assert steps[0] == ("auto: Flat", "auto: Flat")
+    assert steps[1] == ("auto: Flat", "auto: HNSW32")
+    assert steps[2] == ("auto: HNSW32", "auto: HNSW32,SQ8")
+    assert steps[3][0] == "auto: HNSW32,SQ8" and steps[3][1].startswith("auto: IVF256,PQ4")
+    with IndexStore.open(root) as reader:  # the checkpoint holds the structure built
+        assert structure(reader) == steps[3][1]
+        assert np.array_equal(reader.search(x[:500], 10)[1], expected)
+
+
+def test_auto_does_not_flap_at_a_threshold(root: Path, monkeypatch) -> None:
+    monkeypatch.setattr(faiss_backend, "AUTO_EXACT_FLOATS", 300 * D)
+    x = unit(310, seed=4)
+    with IndexStore.create(root, DESCRIPTOR, D, IndexConf(factory="auto")) as store:
+        store.add(images(310), x)  # 310 > 300, but within 10% of the threshold
+        store.checkpoint()
+        assert structure(store) == "auto: Flat"
+
+
+def test_cli_index_preset_auto_with_a_budget(make_images, tmp_path: Path, capsys) -> None:
+    from lookalike.cli import main
+
+    folder = make_images(6)[0].parent
+    index = tmp_path / "auto.idx"
+    rc = main(["index", str(folder), "--index", str(index), "--index-preset", "auto",
+               "--memory-budget", "64MB", "--json"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["info", "--index", str(index), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["index_conf"]["factory"] == "auto"
+    assert info["index_conf"]["memory_budget"] == 64 << 20
+    assert info["backend"]["structure"] == "auto: Flat"
+    assert (
+        main(["index", str(folder), "--index", str(tmp_path / "x"), "--memory-budget", "lots"]) == 2
+    )
