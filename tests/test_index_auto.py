@@ -105,3 +105,25 @@ def test_cli_index_preset_auto_with_a_budget(make_images, tmp_path: Path, capsys
     assert (
         main(["index", str(folder), "--index", str(tmp_path / "x"), "--memory-budget", "lots"]) == 2
     )
+
+
+def test_a_reader_of_a_compressed_structure_never_reads_the_vectors(root: Path, monkeypatch):
+    """Searching a trained IVF-PQ loads its checkpoint (codes) only: the float32 vectors stay
+    on disk (memory-mapped, read where something needs them: DBA, rebuilds)."""
+    from lookalike.index.vectors import VectorFile
+
+    x = unit(2_000, seed=5)
+    with IndexStore.create(root, DESCRIPTOR, D, IndexConf(factory="IVF16,PQ8")) as store:
+        ids = store.add(images(len(x)), x)
+        store.checkpoint()  # trained: 2,000 >= 1,000
+        assert store.stats()["structure"] == "IVF16,PQ8"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the vectors file was read")
+
+    monkeypatch.setattr(VectorFile, "read", refuse)
+    monkeypatch.setattr(VectorFile, "map", refuse)
+    with IndexStore.open(root) as reader:
+        reader.set_search_params(nprobe=16)
+        _, found = reader.search(x[:50], 5)
+    assert np.mean(found[:, 0] == np.asarray(ids[:50])) >= 0.5
