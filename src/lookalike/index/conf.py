@@ -16,7 +16,7 @@ from lookalike.errors import ConfigError
 
 # Spelled out so that reading a configuration imports no engine; a test checks them against
 # lookalike.index.backends.BACKENDS.
-BACKEND_NAMES = ("faiss", "numpy")
+BACKEND_NAMES = ("faiss", "numpy", "milvus")
 AUTO_FACTORY = "auto"  # the faiss structure chosen from the collection's size and a budget
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes an "auto" structure may hold (vectors or codes, links)
 
@@ -30,6 +30,8 @@ class IndexConf:
     ef_search: int = 128  # HNSW: candidate list size per query, more = slower, better; else ignored
     backend: str = "faiss"  # vector engine, a BACKEND_NAMES entry; "numpy" is the plain reference
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # factory "auto": bytes the structure may hold
+    uri: str | None = None  # milvus: server URI (http://host:19530, no credentials); None =
+    #   Milvus Lite inside the index directory; other backends: must be None
 
     def __post_init__(self) -> None:
         if not isinstance(self.factory, str) or not self.factory.strip():
@@ -42,6 +44,8 @@ class IndexConf:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.uri is not None and (not isinstance(self.uri, str) or not self.uri.strip()):
+            raise ConfigError(f"index uri must be a non-empty string or None, got {self.uri!r}")
 
     def to_dict(self) -> dict:
         """The ``index`` section of the manifest (the memory budget only for ``auto``)."""
@@ -53,6 +57,8 @@ class IndexConf:
         }
         if self.factory == AUTO_FACTORY:
             out["memory_budget"] = int(self.memory_budget)
+        if self.uri is not None:
+            out["uri"] = self.uri
         return out
 
     @classmethod
@@ -66,6 +72,7 @@ class IndexConf:
             ef_search=data.get("ef_search", defaults.ef_search),
             backend=data.get("backend", defaults.backend),
             memory_budget=data.get("memory_budget", defaults.memory_budget),
+            uri=data.get("uri", defaults.uri),
         )
 
 
@@ -79,8 +86,9 @@ INDEX_PRESETS: dict[str, IndexConf] = {
     "ivfsq8": IndexConf(factory="IVF1024,SQ8"),  # inverted lists of 8-bit codes, trained at 41k
     "ivfpq": IndexConf(factory="IVF1024,PQ32"),  # 32-byte product codes: large collections
     "numpy": IndexConf(backend="numpy"),  # plain numpy brute force: the reference backend
-    # exact while that is fast, HNSW while it fits the memory budget, IVF-PQ beyond; switches
-    # at a checkpoint as the collection grows (lookalike.index.backends.faiss_backend)
+    # exact while that is fast, then inverted lists of float vectors, 8-bit codes or product
+    # codes as the memory budget allows; switches at a checkpoint as the collection grows
+    # (lookalike.index.backends.faiss_backend.auto_structure)
     "auto": IndexConf(factory=AUTO_FACTORY),
 }
 

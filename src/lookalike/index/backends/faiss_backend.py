@@ -45,29 +45,29 @@ TRAIN_SAMPLE_PER_LIST = 100  # training vectors per IVF list: plenty for k-means
 TRAIN_SAMPLE_MIN = 65536  # PQ/SQ codebooks: faiss subsamples 256 x 256 per sub-quantizer
 DEAD_REBUILD_FRACTION = 0.25  # checkpoint() rebuilds a tombstoned structure past this
 
-# "auto" (autofaiss's rule of thumb, measured here in benchmarks/ann.py)
-AUTO_EXACT_FLOATS = 1 << 24  # exact while n * d is at most this (64k x 256-d: ~2 ms a query)
-AUTO_HNSW_M = 32  # graph degree of the HNSW structures "auto" picks
+# "auto" (autofaiss's rule of thumb, with the structures benchmarks/ann.py found best on 1M
+# descriptors: IVF beat HNSW32 there, which never reached recall@10 0.95)
+AUTO_EXACT_FLOATS = 1 << 24  # exact while n * d is at most this (64k x 256-d)
 AUTO_MARGIN = 0.1  # switch only when the size is this far past a threshold (no flapping)
 
 
 def auto_structure(n: int, dim: int, budget: int) -> str:
-    """The faiss structure ``auto`` holds ``n`` ``dim``-d vectors in: exact (``Flat``)
-    while a query over them is fast and they fit ``budget`` bytes, then ``HNSW32`` while its
-    vectors and links fit, then ``HNSW32,SQ8`` (8-bit codes), then IVF-PQ with about
-    ``4 sqrt(n)`` lists (a power of two, 40 training vectors each) and 8 dimensions per
-    byte of code."""
-    links = 2 * AUTO_HNSW_M * 4 + 8  # level-0 links and the id of a vector, bytes
+    """The faiss structure ``auto`` holds ``n`` ``dim``-d vectors in, within ``budget``
+    bytes: exact (``Flat``) while a query over them is fast, then inverted lists of the
+    float vectors (``IVF,Flat``) while they fit, then of 8-bit codes (``IVF,SQ8``), then of
+    product codes as long as the budget allows (``IVF,PQm``, at most d/2 bytes). About
+    ``4 sqrt(n)`` lists, a power of two with 40 training vectors each."""
     if n * dim <= AUTO_EXACT_FLOATS and n * (4 * dim + 8) <= budget:
         return "Flat"
-    if n * (4 * dim + links) <= budget:
-        return f"HNSW{AUTO_HNSW_M}"
-    if n * (dim + links) <= budget:
-        return f"HNSW{AUTO_HNSW_M},SQ8"
-    nlist = 1 << max(8, min(16, round(np.log2(max(4 * np.sqrt(n), 1)))))
-    while nlist > 256 and TRAIN_PER_LIST * nlist > n:
+    nlist = 1 << max(4, min(16, round(np.log2(max(4 * np.sqrt(n), 1)))))
+    while nlist > 16 and TRAIN_PER_LIST * nlist > n:
         nlist //= 2
-    m = next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+    if n * (4 * dim + 8) <= budget:
+        return f"IVF{nlist},Flat"
+    if n * (dim + 8) <= budget:
+        return f"IVF{nlist},SQ8"
+    room = max(1, min(dim // 2, budget // max(n, 1) - 8))  # code bytes per vector
+    m = next(m for m in range(room, 0, -1) if dim % m == 0)
     return f"IVF{nlist},PQ{m}"
 
 
@@ -78,10 +78,10 @@ def structure_of(index: faiss.Index) -> str:
         top = faiss.downcast_index(top.index)
     if isinstance(top, faiss.IndexIVFPQ):
         return f"IVF{top.nlist},PQ{top.pq.M}"
-    if isinstance(top, faiss.IndexHNSWSQ):
-        return f"HNSW{top.hnsw.nb_neighbors(1)},SQ8"
-    if isinstance(top, faiss.IndexHNSWFlat):
-        return f"HNSW{top.hnsw.nb_neighbors(1)}"
+    if isinstance(top, faiss.IndexIVFScalarQuantizer):
+        return f"IVF{top.nlist},SQ8"
+    if isinstance(top, faiss.IndexIVFFlat):
+        return f"IVF{top.nlist},Flat"
     return "Flat"
 
 
