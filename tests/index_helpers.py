@@ -20,8 +20,19 @@ DESCRIPTOR = {"model": "efficientnet_lite0", "pooling": "gem", "scales": (1.0, 0
 SRC = str(Path(lookalike.__file__).resolve().parents[1])
 
 
+def _engine_marks(name: str) -> list:
+    """Skipped where the backend's outside engine (Milvus) is not installed."""
+    from lookalike.index.backends import EXTERNAL
+    from lookalike.index.backends.milvus_backend import unavailable
+
+    reason = unavailable() if name in EXTERNAL else None
+    return [pytest.mark.skip(reason=reason)] if reason else []
+
+
 # One exact configuration per registered backend: index-level tests run on each.
-BACKEND_CONFS = [pytest.param(IndexConf(backend=name), id=name) for name in BACKENDS]
+BACKEND_CONFS = [
+    pytest.param(IndexConf(backend=name), id=name, marks=_engine_marks(name)) for name in BACKENDS
+]
 
 
 def unit(n: int, d: int = D, seed: int = 0) -> np.ndarray:

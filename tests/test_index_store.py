@@ -28,6 +28,7 @@ from index_helpers import (
 
 from lookalike.errors import ConfigError, IndexStateError
 from lookalike.index import IndexConf, IndexStore, NewImage, VectorSource
+from lookalike.index.backends import keeps_fields
 from lookalike.index.manifest import DBASettings, QueryDefaults
 
 
@@ -114,7 +115,8 @@ def test_ids_records_and_metadata_round_trip(root: Path, conf: IndexConf) -> Non
         assert [r.id for r in store.records()] == ids
         np.testing.assert_array_equal(store.vectors([ids[2], ids[0]]), x[[2, 0]])
         np.testing.assert_array_equal(store.search(x, 1)[1][:, 0], ids)
-        assert store.manifest.checkpoint.file == f"{conf.backend}-3.index"
+        relabel = 2 if keeps_fields(conf) else 0  # the new label reaches the backend
+        assert store.manifest.checkpoint.file == f"{conf.backend}-{3 + relabel}.index"
 
 
 def test_records_pages_and_filters(root: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from lookalike.cli.check_commands import add_check_parsers
 from lookalike.cli.eval_commands import DATASET_KINDS, cmd_eval, cmd_presets
 from lookalike.cli.faults import fault
-from lookalike.cli.index_commands import cmd_index, cmd_info, cmd_remove
+from lookalike.cli.index_commands import add_engine_options, cmd_index, cmd_info, cmd_remove
 from lookalike.cli.local_commands import cmd_match
 from lookalike.cli.options import (
     CROPS_HELP,
@@ -38,6 +38,7 @@ from lookalike.cli.options import (
     LOCAL_CHOICES,
     add_descriptor_options,
     add_local_options,
+    add_milvus_options,
     int_at_least,
     parse_box,
     parse_rotations,
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_descriptor_options(p)
     add_local_options(p, at_index=True)
+    add_engine_options(p)
+    add_milvus_options(p, uri=True)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_index)
 
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", parents=[common], help="describe an index")
     p.add_argument("--index", type=Path, required=True, help="index directory")
+    add_milvus_options(p, uri=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -7,14 +7,79 @@ summary, or ``--json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
-from lookalike.cli.options import index_verify_conf, settings_of
+from lookalike.cli.options import index_verify_conf, int_at_least, settings_of, use_milvus_token
 from lookalike.cli.ui import Ui, print_warning
+from lookalike.errors import ConfigError
 
 MAX_FAILED_SHOWN = 10  # failed files listed by `index` before "... and N more"
 MAX_INFO_FAILED_SHOWN = 50  # the same for `info` (all of them with --json)
+# Spelled out so that `lookalike --help` imports no torch; a test compares them with
+# lookalike.indexing.ray_engine.ENGINES.
+ENGINE_CHOICES = ("local", "ray")
+RAY_OPTIONS = {"ray_address": "address", "actors": "actors", "batch_size": "batch_size"}
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``index --engine ray [--ray-address auto|URI] [--actors N] [--batch-size B]``."""
+    g = p.add_argument_group("engine (what decodes and describes the images)")
+    g.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default="local",
+        help="local: this process and its --workers (default); ray: Ray Data actors, "
+        "committed here as they finish (pip install 'lookalike[ray]'); the index is the same",
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="auto|URI",
+        help="the Ray cluster: auto (the running one) or ray://HOST:PORT; default: start a "
+        "local Ray on this machine's CPUs",
+    )
+    g.add_argument(
+        "--actors",
+        type=int_at_least(1),
+        metavar="N",
+        help="describing actors (default: one per CPU of the cluster, one per GPU on CUDA)",
+    )
+    g.add_argument(
+        "--batch-size", type=int_at_least(1), metavar="B", help="files per Ray batch (32)"
+    )
+
+
+def engine_of(args: argparse.Namespace):  # -> RayConf | None
+    """The Ray settings that ``--engine ray`` and its options ask for; None without it.
+
+    Raises:
+        ConfigError: a Ray option without ``--engine ray``.
+    """
+    given = {name: getattr(args, name) for name in RAY_OPTIONS if getattr(args, name) is not None}
+    if args.engine != "ray":
+        if given:
+            named = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ConfigError(f"{named} apply to the Ray engine: add --engine ray")
+        return None
+    from lookalike.indexing.ray_engine import RayConf
+
+    return RayConf(**{RAY_OPTIONS[name]: value for name, value in given.items()})
+
+
+@contextlib.contextmanager
+def quiet_ray(verbose: int) -> Iterator[None]:
+    """Ray Data logs each execution at INFO on its own handler; shown with ``-v`` only."""
+    ray_data = logging.getLogger("ray.data")
+    level = ray_data.level
+    if not verbose:
+        ray_data.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ray_data.setLevel(level)
 
 
 def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
@@ -23,9 +88,11 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
 
     # A bad label file is refused before any image is described.
     labels = label_source(args.label_from, args.dir) if args.label_from is not None else None
+    use_milvus_token(args)
     settings = settings_of(args, args.index)
     local = index_verify_conf(args)
-    with ui.bars() as bars:
+    ray = engine_of(args)
+    with ui.bars() as bars, quiet_ray(args.verbose):
         report = index_folder(
             args.dir,
             args.index,
@@ -37,6 +104,8 @@ def cmd_index(args: argparse.Namespace, ui: Ui) -> int:
             chunk=args.chunk,
             local=local,
             local_progress=bars.callback("local features", "img"),
+            engine=args.engine,
+            ray=ray,
         )
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
@@ -94,9 +163,21 @@ def cmd_remove(args: argparse.Namespace, ui: Ui) -> int:
     return 0
 
 
+def engine_rows(backend: dict) -> list[tuple[str, str]]:
+    """The ``engine`` row of a backend whose vectors live outside the process (Milvus)."""
+    engine = backend.get("engine")
+    if engine is None:
+        return []
+    indexed = engine.get("indexed_rows")
+    state = f"{engine['load_state']}; Milvus reports {indexed} of {backend['live']} rows indexed"
+    return [("engine", f"{engine['engine']} {engine['where']}, collection {engine['collection']}"),
+            ("state", state)]  # fmt: skip
+
+
 def cmd_info(args: argparse.Namespace, ui: Ui) -> int:
     from lookalike.indexing import index_info
 
+    use_milvus_token(args)
     info = index_info(args.index)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -117,6 +198,7 @@ def cmd_info(args: argparse.Namespace, ui: Ui) -> int:
         ("whitening", whitening),
         ("dim", info["dim"]),
         ("backend", f"{backend['backend']}: {backend['structure']}"),
+        *engine_rows(backend),
         ("memory", f"{backend['memory_bytes'] / 1e6:.1f} MB"),
         (
             "queries",

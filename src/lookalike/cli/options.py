@@ -19,7 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # registries (lookalike.local.LOCAL_FEATURES, lookalike.local.FUSIONS).
 LOCAL_CHOICES = ("sift", "rootsift", "orb", "akaze", "aliked", "aliked-n16rot")
 FUSION_CHOICES = ("inliers", "sim_sqrt_inliers", "sim_plus_inliers")
-BACKEND_CHOICES = ("faiss", "numpy")  # lookalike.index.conf.BACKEND_NAMES
+BACKEND_CHOICES = ("faiss", "numpy", "milvus")  # lookalike.index.conf.BACKEND_NAMES
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -140,7 +140,37 @@ def settings_of(args: argparse.Namespace, index_dir: Path | None):  # -> Setting
     """The run's settings (:func:`lookalike.indexing.resolve_settings`) from the options."""
     from lookalike.indexing.settings import resolve_settings
 
-    return resolve_settings(index_dir, args.preset, **settings_options(args))
+    milvus_uri = getattr(args, "milvus_uri", None)
+    return resolve_settings(index_dir, args.preset, **settings_options(args), milvus_uri=milvus_uri)
+
+
+def add_milvus_options(p: argparse.ArgumentParser, uri: bool) -> None:
+    """``[--milvus-uri URI] [--milvus-token-file F]``: where a ``--backend milvus`` index
+    keeps its vectors, and the server's token (read at run time, never stored)."""
+    g = p.add_argument_group("milvus (--backend milvus)")
+    if uri:
+        g.add_argument(
+            "--milvus-uri",
+            metavar="URI",
+            help="a Milvus server or cluster for a new --backend milvus index, e.g. "
+            "http://host:19530 (no credentials in it); default: Milvus Lite inside the index",
+        )
+    g.add_argument(
+        "--milvus-token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the Milvus server's token (user:password or an API key), read "
+        "for this run and never stored; also $LOOKALIKE_MILVUS_TOKEN_FILE",
+    )
+
+
+def use_milvus_token(args: argparse.Namespace) -> None:
+    """Read ``--milvus-token-file`` for this run (``ConfigError`` if unreadable or empty)."""
+    path = getattr(args, "milvus_token_file", None)
+    if path is not None:
+        from lookalike.index.backends.milvus_backend import use_token_file
+
+        use_token_file(path)
 
 
 def add_local_options(p: argparse.ArgumentParser, at_index: bool) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from lookalike.confined import check_entry, read_bytes
 from lookalike.errors import IndexStateError
 from lookalike.index.backends import (
+    BackendSite,
     CheckpointError,
     DigestMismatch,
     VectorBackend,
@@ -163,6 +164,19 @@ class Loader:
         self.dim = dim
         self.conf = conf
         self.verifier = BlockVerifier(db.block_rows, db.blocks_of)
+        self.site = BackendSite(root, self.scalar_fields)  # for a backend outside the process
+
+    def scalar_fields(self, ids: np.ndarray) -> dict[str, list[str]]:
+        """``{"label", "content_hash"}`` of the images ``ids`` ("" where there is none), as
+        the backend stores them beside the vectors (call inside a snapshot)."""
+        from lookalike.labels import label_of  # imports the index package: not at load time
+
+        records = self.db.get([int(i) for i in ids])
+        found = [records.get(int(i)) for i in ids]
+        return {
+            "label": [(label_of(r.metadata) or "") if r else "" for r in found],
+            "content_hash": [(r.content_hash or "") if r else "" for r in found],
+        }
 
     def vector_file(self) -> tuple[VectorFile, int]:
         """The current vector file and its committed rows (call inside a snapshot).
@@ -251,7 +265,7 @@ class Loader:
         """The checkpoint's backend and seq; ``(None, 0)`` when it must be rebuilt."""
         name = checkpoint.file
         if name is None:
-            return create_backend(self.conf, dim), 0
+            return create_backend(self.conf, dim, self.site), 0
         path = self.root / name
         if check_entry(path) is None:
             if not allow_rebuild:
@@ -259,7 +273,7 @@ class Loader:
             logger.warning("checkpoint %s is missing; rebuilding from the vectors", path)
             return None, 0
         try:
-            backend = load_backend(path, self.conf, checkpoint.sha)
+            backend = load_backend(path, self.conf, checkpoint.sha, self.site)
         except FileNotFoundError:
             if allow_rebuild:
                 return None, 0
@@ -299,7 +313,11 @@ class Loader:
         seq = self.db.last_seq()
         dim = self.dim if whitening is None else whitening.dim_out
         backend = build_backend(
-            self.conf, dim, ids, lambda rows: prepare(vectors.read(slots[rows], n_rows), whitening)
+            self.conf,
+            dim,
+            ids,
+            lambda rows: prepare(vectors.read(slots[rows], n_rows), whitening),
+            site=self.site,
         )
         return backend, seq
 

@@ -36,6 +36,7 @@ and the new one added, and every stored field, user metadata included, is replac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -318,11 +319,10 @@ class IndexStore(RecordsMixin, FreshnessMixin, WriterMixin):
         with self._mutex:
             self._check_open()
             current = self.conf
-            conf = IndexConf(
-                factory=current.factory,
+            conf = dataclasses.replace(
+                current,
                 nprobe=current.nprobe if nprobe is None else int(nprobe),
                 ef_search=current.ef_search if ef_search is None else int(ef_search),
-                backend=current.backend,
             )
             if conf == current:
                 return

@@ -23,7 +23,12 @@ import numpy as np
 
 from lookalike.confined import check_entry, file_digest
 from lookalike.errors import ConfigError
-from lookalike.index.backends import checkpoint_name, is_checkpoint_name, validate_conf
+from lookalike.index.backends import (
+    checkpoint_name,
+    is_checkpoint_name,
+    keeps_fields,
+    validate_conf,
+)
 from lookalike.index.conf import IndexConf, NewImage, fs_bytes
 from lookalike.index.loader import WHITENING_NAME, Loader, View, load_whitening, save_whitening
 from lookalike.index.manifest import CheckpointRef, Manifest, WhiteningState, now_iso
@@ -202,6 +207,10 @@ class WriterMixin:
     def set_metadata(self, id: int, metadata: dict) -> None:
         """Replace the user metadata of image ``id``.
 
+        A backend that stores the labels beside the vectors (:func:`keeps_fields`) learns a
+        changed label through the op log, as a removal and an add of the same vector, so
+        that it follows like any other change (and a crash before it does is replayed).
+
         Raises:
             ValueError: unknown id, or metadata that is not a JSON-serialisable dict.
         """
@@ -212,10 +221,25 @@ class WriterMixin:
             text = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
         except (TypeError, ValueError) as error:
             raise ValueError(f"metadata is not JSON-serialisable: {error}") from None
+        relabel = False
         with self._mutex, self._db.write():
+            if keeps_fields(self.conf):
+                from lookalike.labels import label_of  # imports the index package
+
+                before = self._db.get([int(id)]).get(int(id))
+                slot = self._db.slots_of([int(id)]).get(int(id), ("", None))[1]
+                relabel = (
+                    before is not None
+                    and slot is not None
+                    and label_of(before.metadata) != label_of(metadata)
+                )
             found = self._db.set_metadata(int(id), text, now_iso())
+            if relabel:
+                self._db.log_op("remove", int(id), slot)
+                self._db.log_op("add", int(id), slot)
         if not found:
             raise ValueError(f"no image with id {id} in index {self.path}")
+        self._stale = self._stale or relabel
 
     # -- vector backend state ----------------------------------------------------------------
 

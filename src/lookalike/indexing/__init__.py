@@ -3,7 +3,9 @@ relabel, describe, and resolve the settings a run uses.
 
 ===========================  ================================================================
 :func:`index_folder`         ``lookalike index DIR``: new and changed files, labels, local
-                             features, the stored DBA (:mod:`lookalike.indexing.folder`)
+                             features, the stored DBA (:mod:`lookalike.indexing.folder`);
+                             ``engine="ray"``: described by Ray Data actors
+                             (:class:`RayConf`, :mod:`lookalike.indexing.ray_engine`)
 :func:`index_files`          the same for an explicit list of files
 :func:`index_into`           the same into an index already open for writing (the service)
 :func:`remove_images`        ``lookalike remove``: by id or path, DBA and local features follow
@@ -25,11 +27,13 @@ from lookalike.indexing.folder import (
     open_for_writing,
 )
 from lookalike.indexing.info import index_info
+from lookalike.indexing.ray_engine import RayConf
 from lookalike.indexing.settings import FROM_INDEX, Settings, resolve_settings
 
 __all__ = [
     "FROM_INDEX",
     "IndexReport",
+    "RayConf",
     "RemoveReport",
     "Settings",
     "index_files",

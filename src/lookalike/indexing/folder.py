@@ -30,6 +30,7 @@ from lookalike.index.conf import display_path, display_text
 from lookalike.index.manifest import MANIFEST_NAME
 from lookalike.indexing.edit import relabel_store
 from lookalike.indexing.learn import WhiteningLearner
+from lookalike.indexing.ray_engine import RayConf, check_engine, describe_files
 from lookalike.labels import LabelSource
 from lookalike.local.conf import VerifyConf
 
@@ -167,6 +168,8 @@ def index_folder(
     chunk: int = 32,
     local: VerifyConf | None = None,
     local_progress: Progress | None = None,
+    engine: str = "local",
+    ray: RayConf | None = None,
 ) -> IndexReport:
     """Bring the index at ``index_dir`` in sync with the images under ``image_dir``
     (``lookalike index`` in one call).
@@ -192,7 +195,12 @@ def index_folder(
             the index, whose later runs keep them current without it. An index that has
             them must be given the same feature settings (or None).
         local_progress: called as local features are computed (after the global pass).
+        engine: what decodes and describes the files: ``"local"`` (this process and its
+            decoding workers) or ``"ray"`` (Ray Data actors, :mod:`lookalike.indexing.ray_engine`;
+            the index is committed here all the same, and comes out the same).
+        ray: the Ray engine's settings (None: :class:`RayConf`'s defaults); engine "ray" only.
     """
+    ray = check_engine(engine, ray)
     root = Path(image_dir).expanduser().resolve()
     files = list_images(root)
     if not files:
@@ -206,7 +214,7 @@ def index_folder(
         changed = given and _record_query_defaults(store, conf)
         report = _sync(
             store, conf, extractor, root, files, remove_missing, metadata or labels, progress,
-            chunk, local_progress,
+            chunk, local_progress, ray=ray,
         )  # fmt: skip
         report.query_defaults_changed = changed
         if labels is not None:
@@ -228,18 +236,21 @@ def index_files(
     chunk: int = 32,
     local: VerifyConf | None = None,
     local_progress: Progress | None = None,
+    engine: str = "local",
+    ray: RayConf | None = None,
 ) -> IndexReport:
     """Bring the index at ``index_dir`` in sync with exactly these image files.
 
     Like :func:`index_folder` for an explicit list (a benchmark's database, say): new and
     changed files are described, unchanged ones skipped; files already indexed but not
     listed are left alone. Paths are resolved to absolute ones and duplicates dropped; a
-    missing or unreadable file is recorded as failed. ``index_conf``, ``local`` and
-    ``local_progress`` as for :func:`index_folder`.
+    missing or unreadable file is recorded as failed. ``index_conf``, ``local``,
+    ``local_progress``, ``engine`` and ``ray`` as for :func:`index_folder`.
 
     Raises:
         LookalikeError: ``paths`` is empty.
     """
+    ray = check_engine(engine, ray)
     files = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     if not files:
         raise LookalikeError("no image files given to index")
@@ -249,8 +260,9 @@ def index_files(
     try:
         changed = given and _record_query_defaults(store, conf)
         report = _sync(
-            store, conf, extractor, None, files, False, metadata, progress, chunk, local_progress
-        )
+            store, conf, extractor, None, files, False, metadata, progress, chunk, local_progress,
+            ray=ray,
+        )  # fmt: skip
         report.query_defaults_changed = changed
         return report
     finally:
@@ -297,11 +309,13 @@ def _sync(
     local_progress: Progress | None = None,
     *,
     checkpoint: bool = True,
+    ray: RayConf | None = None,
 ) -> IndexReport:
     """Index ``files``; with a ``root``, indexed files under it that are not listed vanished.
 
     Then bring what is derived from the vectors and images up to date: a stored DBA and the
-    local features (``--local``). ``checkpoint``: save the vector backend at the end."""
+    local features (``--local``). ``checkpoint``: save the vector backend at the end.
+    ``ray``: describe on Ray with these settings (None: the local engine)."""
     report = IndexReport()
     known = {r.fs_path: r for r in store.records()}  # as the file system names them
     # Files that failed before are retried in chunks of their own, first: the others are
@@ -339,7 +353,7 @@ def _sync(
     learner = WhiteningLearner.open(store, conf)
     try:
         _describe(store, conf, extractor, retry + todo, len(retry), learner, known, metadata,
-                  progress, chunk, report)  # fmt: skip
+                  progress, chunk, report, ray=ray)  # fmt: skip
         if learner is not None:
             report.whitening_learned = learner.finish()
     finally:
@@ -366,11 +380,15 @@ def _describe(
     chunk: int,
     report: IndexReport,
     ids: dict[str, int] | None = None,
+    *,
+    ray: RayConf | None = None,
 ) -> None:
     """Describe and commit ``todo`` chunk by chunk (the first ``retried`` files in chunks of
     their own), each chunk's region samples committed before the chunk (``learner``);
-    ``ids``: the id each new file takes (by path), as a copy of another index needs."""
-    if todo and extractor is None:
+    ``ids``: the id each new file takes (by path), as a copy of another index needs.
+    ``ray``: the chunks are described by Ray actors with these settings, not ``extractor``
+    (:func:`lookalike.indexing.ray_engine.describe_files`: the same chunks, in order)."""
+    if todo and extractor is None and ray is None:
         extractor = Extractor(conf)
         store.check_weights(extractor.backbone.weights_id)
     want_regions = learner is not None and learner.wants_regions
@@ -378,11 +396,15 @@ def _describe(
     committed = sum(store.count().values())
     if progress:
         progress(0, len(todo))
-    batches = itertools.chain.from_iterable(
-        extractor.extract_files(part, want_regions=want_regions, chunk=chunk)
-        for part in (todo[:retried], todo[retried:])
-        if part and extractor is not None
-    )
+    if ray is not None:
+        parts = (todo[:retried], todo[retried:])
+        batches = describe_files(conf, parts, want_regions, chunk, ray, store.check_weights)
+    else:
+        batches = itertools.chain.from_iterable(
+            extractor.extract_files(part, want_regions=want_regions, chunk=chunk)
+            for part in (todo[:retried], todo[retried:])
+            if part and extractor is not None
+        )
     for decoded, desc in batches:
         images = []
         for d in decoded:

@@ -52,6 +52,7 @@ def resolve_settings(
     memory_budget: int | None = None,
     device: str | None = None,
     workers: int | None = None,
+    milvus_uri: str | None = None,
 ) -> Settings:
     """The descriptor and index settings for a run on ``index_dir``.
 
@@ -89,7 +90,22 @@ def resolve_settings(
     index_conf = _index_conf(manifest, factory, index_preset, backend)
     if memory_budget is not None:
         index_conf = dataclasses.replace(index_conf, memory_budget=int(memory_budget))
+    if milvus_uri is not None:
+        index_conf = _with_uri(manifest, index_conf, milvus_uri)
     return Settings(name, conf, index_conf)
+
+
+def _with_uri(manifest: Manifest | None, conf: IndexConf, uri: str) -> IndexConf:
+    """``conf`` keeping its vectors at the Milvus server ``uri`` (a new index only)."""
+    from lookalike.errors import ConfigError
+
+    if manifest is not None and manifest.index.uri != uri:
+        where = manifest.index.uri or "Milvus Lite inside it"
+        raise ConfigError(
+            f"this index keeps its vectors at {where}; --milvus-uri cannot move it (drop the "
+            "option, or build a new index)"
+        )
+    return dataclasses.replace(conf, uri=uri)
 
 
 def _is_model_dir(model: str) -> bool:

@@ -3,10 +3,16 @@
 An index keeps its vectors (whitened, L2-normalised: the *index space*) in a
 :class:`VectorBackend` under the image ids; SQLite stays the source of truth and the loader
 rebuilds or replays any backend from it (:mod:`lookalike.index.loader`). The protocol is
-:class:`~lookalike.index.backends.base.VectorBackend`. Two are registered:
+:class:`~lookalike.index.backends.base.VectorBackend`. Three are registered:
 :class:`~lookalike.index.backends.faiss_backend.FaissBackend` (exact or compressed faiss
-structures, the default) and :class:`~lookalike.index.backends.numpy_backend.NumpyBackend`, a
-deliberately plain brute force that the equivalence tests hold every other backend to.
+structures, the default), :class:`~lookalike.index.backends.numpy_backend.NumpyBackend`, a
+deliberately plain brute force that the equivalence tests hold every other backend to, and
+:class:`~lookalike.index.backends.milvus_backend.MilvusBackend` (a Milvus collection: Milvus
+Lite inside the index directory, or a server). A backend in :data:`EXTERNAL` keeps its
+vectors outside the process: its ``create`` / ``load`` also take a
+:class:`~lookalike.index.backends.base.BackendSite` (the index directory, the scalar fields
+of the images), its checkpoint names its data rather than holding it, and it alone takes
+``IndexConf.uri``.
 Another engine plugs in by implementing the protocol and adding itself to
 :data:`BACKENDS` (and its name to ``lookalike.index.conf.BACKEND_NAMES`` and the CLI's
 ``--backend`` choices, spelled out there so that reading a setting imports no engine; a test
@@ -27,8 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.index.backends.base import CheckpointError, DigestMismatch, VectorBackend
+from lookalike.index.backends.base import (
+    BackendSite,
+    CheckpointError,
+    DigestMismatch,
+    VectorBackend,
+)
 from lookalike.index.backends.faiss_backend import FaissBackend
+from lookalike.index.backends.milvus_backend import MilvusBackend  # pymilvus: only when used
 from lookalike.index.backends.numpy_backend import NumpyBackend
 from lookalike.index.conf import IndexConf
 
@@ -41,7 +53,9 @@ TRAIN_SAMPLE_SEED = 0
 BACKENDS: dict[str, type[VectorBackend]] = {
     FaissBackend.name: FaissBackend,
     NumpyBackend.name: NumpyBackend,
+    MilvusBackend.name: MilvusBackend,
 }
+EXTERNAL = frozenset({MilvusBackend.name})  # vectors in an outside engine (see above)
 
 
 def backend_class(conf: IndexConf) -> type[VectorBackend]:
@@ -58,18 +72,36 @@ def validate_conf(conf: IndexConf, dim: int) -> None:
     """``ConfigError`` unless ``conf`` describes a backend able to hold ``dim``-d vectors."""
     if dim < 1:
         raise ConfigError(f"index dimension must be >= 1, got {dim}")
+    if conf.uri is not None and conf.backend not in EXTERNAL:
+        raise ConfigError(
+            f"the {conf.backend} backend keeps its vectors in the index directory and takes no "
+            f"uri (given {conf.uri!r}); only {', '.join(sorted(EXTERNAL))} does"
+        )
     backend_class(conf).validate(conf, int(dim))
 
 
-def create_backend(conf: IndexConf, dim: int) -> VectorBackend:
-    """An empty backend of ``conf.backend``."""
-    return backend_class(conf).create(conf, int(dim))
+def create_backend(conf: IndexConf, dim: int, site: BackendSite | None = None) -> VectorBackend:
+    """An empty backend of ``conf.backend``; ``site`` reaches only an :data:`EXTERNAL` one."""
+    cls = backend_class(conf)
+    if cls.name in EXTERNAL:
+        return cls.create(conf, int(dim), site=site)
+    return cls.create(conf, int(dim))
 
 
-def load_backend(path: Path, conf: IndexConf, sha: str | None = None) -> VectorBackend:
+def load_backend(
+    path: Path, conf: IndexConf, sha: str | None = None, site: BackendSite | None = None
+) -> VectorBackend:
     """Read a checkpoint of ``conf.backend`` (``CheckpointError`` if unreadable,
-    ``DigestMismatch`` if its digest is not ``sha``)."""
-    return backend_class(conf).load(path, conf, sha)
+    ``DigestMismatch`` if its digest is not ``sha``); ``site`` as for :func:`create_backend`."""
+    cls = backend_class(conf)
+    if cls.name in EXTERNAL:
+        return cls.load(path, conf, sha, site=site)
+    return cls.load(path, conf, sha)
+
+
+def keeps_fields(conf: IndexConf) -> bool:
+    """Whether ``conf``'s backend stores the images' scalar fields (a relabel must reach it)."""
+    return conf.backend in EXTERNAL
 
 
 def checkpoint_name(conf: IndexConf, seq: int) -> str:
@@ -89,6 +121,7 @@ def build_backend(
     ids: np.ndarray,
     fetch: Callable[[np.ndarray], np.ndarray],
     seed: int = TRAIN_SAMPLE_SEED,
+    site: BackendSite | None = None,
 ) -> VectorBackend:
     """Build from scratch, training the configured structure when there are enough vectors.
 
@@ -99,10 +132,11 @@ def build_backend(
         fetch: ``fetch(rows)`` returns the ``(len(rows), d)`` float32 vectors of
             ``ids[rows]``, ready for the backend (whitened, normalised).
         seed: for the training sample.
+        site: the index, for an :data:`EXTERNAL` backend.
     """
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
-    backend = create_backend(conf, dim)
+    backend = create_backend(conf, dim, site)
     plan = getattr(backend, "plan", None)  # faiss "auto" picks its structure for n vectors
     if plan is not None:
         backend = plan(n)
@@ -130,9 +164,12 @@ def sample_size(backend: VectorBackend) -> int:
 
 __all__ = [
     "BACKENDS",
+    "EXTERNAL",
+    "BackendSite",
     "CheckpointError",
     "DigestMismatch",
     "FaissBackend",
+    "MilvusBackend",
     "NumpyBackend",
     "VectorBackend",
     "backend_class",
@@ -140,6 +177,7 @@ __all__ = [
     "checkpoint_name",
     "create_backend",
     "is_checkpoint_name",
+    "keeps_fields",
     "load_backend",
     "validate_conf",
 ]

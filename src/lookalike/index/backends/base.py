@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -16,6 +18,25 @@ class CheckpointError(Exception):
 
 class DigestMismatch(CheckpointError):
     """A checkpoint whose content is not what the manifest's digest says."""
+
+
+Fields = Callable[[np.ndarray], dict[str, list[str]]]  # ids -> {field: one value per id}
+
+
+@dataclass(frozen=True)
+class BackendSite:
+    """Where a backend that keeps its vectors outside the process lives, and what it may
+    read of its index (the registry hands it only to the backends in ``SITED``).
+
+    Attributes:
+        root: the index directory (Milvus Lite keeps its data inside it); None: a scratch
+            backend with no index (tests, benchmarks), which picks a temporary place.
+        fields: the scalar fields stored beside each vector (``label``, ``content_hash``),
+            read from ``meta.sqlite`` in the caller's snapshot; None: empty strings.
+    """
+
+    root: Path | None = None
+    fields: Fields | None = None
 
 
 @runtime_checkable
@@ -112,5 +133,7 @@ class VectorBackend(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """``{"backend", "structure", "live", "dead", "trained", "memory_bytes",
-        "search_params"}`` (``search_params``: the search-time knobs in effect)."""
+        "search_params"}`` (``search_params``: the search-time knobs in effect), plus
+        ``"engine"`` for a backend whose vectors live in an outside engine (where, its
+        state)."""
         ...
