@@ -429,12 +429,16 @@ def main() -> int:
     del exact
     results["exact_batch_100k"] = exact_batch_100k(db, queries)
     print("exact, 64 queries over 100k:", results["exact_batch_100k"], flush=True)
-    if not args.skip_faiss:
-        results["faiss"] = faiss_structures(db, queries, gt, args.single)
-    if not args.skip_lookalike:
-        results["lookalike"] = through_lookalike(db, queries, gt, args.out)
-    if args.milvus:
-        results["milvus"] = milvus_hnsw(db, queries, gt, args.out)
+    out = args.out
+    phases = [
+        ("faiss", not args.skip_faiss, lambda: faiss_structures(db, queries, gt, args.single)),
+        ("lookalike", not args.skip_lookalike, lambda: through_lookalike(db, queries, gt, out)),
+        ("milvus", args.milvus, lambda: milvus_hnsw(db, queries, gt, args.out)),
+    ]
+    for name, wanted, run in phases:
+        if wanted:
+            results[name] = run()
+            (args.out / "ann.json").write_text(json.dumps(results, indent=1))  # kept if killed
     results["peak_rss_mb_benchmark"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
