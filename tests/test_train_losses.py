@@ -139,6 +139,31 @@ def test_every_preset_reduces_its_loss(name: str) -> None:
     assert after < 0.8 * before, (before, after)
 
 
+def test_contrastive_pulls_positives_and_pushes_near_negatives() -> None:
+    """PML measures the contrastive margins as Euclidean distances: a positive pair at cosine
+    0.6 (distance 0.89) is pulled together, a negative pair at cosine 0.9 pushed apart."""
+    loss, miner = build_loss(loss_preset("contrastive"), 2, 3)
+    for pair, label, closer in (
+        ([[1, 0, 0], [0.6, 0.8, 0]], [0, 0], True),
+        ([[1, 0, 0], [0.9, 0.43589, 0]], [0, 1], False),
+    ):
+        far = torch.tensor([[0.0, 0, 1], [0, 0, -1]])  # two more classes, out of reach
+        emb = torch.tensor(pair, requires_grad=True)
+        labels = torch.tensor([*label, 2, 3])
+
+        def cosine(e: torch.Tensor) -> float:
+            e = torch.nn.functional.normalize(e, dim=1)
+            return float(e[0] @ e[1])
+
+        x = torch.nn.functional.normalize(torch.cat([emb, far]), dim=1)
+        value = loss(x, labels, miner(x, labels))
+        assert float(value) > 0.05
+        value.backward()
+        before = cosine(emb.detach())
+        after = cosine(emb.detach() - 0.1 * emb.grad)
+        assert (after > before) == closer, (before, after)
+
+
 def test_unknown_presets_and_missing_counts_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"unknown loss preset 'nope'.*arcface"):
         loss_preset("nope")

@@ -170,8 +170,16 @@ LOSS_PRESETS: dict[str, LossConf] = {
         "multisimilarity",
         {"epsilon": 0.1},
     ),
+    # PML's contrastive loss and pair-margin miner measure Euclidean distances (0..2 between
+    # unit vectors): positives pulled together whatever their distance, negatives pushed
+    # past 1 (cosine below 0.5); the miner keeps positives farther than 0.2 and negatives
+    # nearer than 0.8 (PML's defaults for both)
     "contrastive": LossConf(
-        "contrastive", PAIR, {"pos_margin": 1.0, "neg_margin": 0.5}, "pair-margin", {}
+        "contrastive",
+        PAIR,
+        {"pos_margin": 0.0, "neg_margin": 1.0},
+        "pair-margin",
+        {"pos_margin": 0.2, "neg_margin": 0.8},
     ),
     "npair": LossConf("npair", PAIR),
 }
