@@ -17,7 +17,7 @@ from index_helpers import DESCRIPTOR, D, images, unit
 
 from lookalike.index import IndexConf, IndexStore
 from lookalike.index.backends import faiss_backend
-from lookalike.index.backends.faiss_backend import auto_structure
+from lookalike.index.backends.faiss_backend import auto_structure, auto_switch
 from lookalike.index.conf import INDEX_PRESETS
 from lookalike.index.conf import IndexConf as Conf
 
@@ -35,6 +35,18 @@ def test_auto_structure_grows_with_the_collection_and_shrinks_with_the_budget() 
         nlist = int(auto_structure(n, 256, gib)[3:].split(",")[0])
         assert nlist & (nlist - 1) == 0 and 40 * nlist <= n
     assert INDEX_PRESETS["auto"].factory == "auto"
+
+
+def test_auto_switches_out_of_a_structure_it_has_outgrown() -> None:
+    gib = 1 << 30
+    # 1M 256-d vectors in 1 GiB: float lists, 4% under the switch to 8-bit codes; exact
+    # search (the structure an index starts in) is far behind and must not stay
+    assert auto_switch("Flat", 1_000_000, 256, gib) == "IVF4096,Flat"
+    assert auto_switch("IVF4096,Flat", 1_000_000, 256, gib) is None
+    assert auto_switch("IVF4096,Flat", 1_050_000, 256, gib) is None  # within the margin
+    assert auto_switch("IVF4096,Flat", 1_200_000, 256, gib) == "IVF4096,SQ8"
+    assert auto_switch("IVF4096,SQ8", 1_000_000, 256, gib) is None  # shrinking: no flapping
+    assert auto_switch("IVF4096,SQ8", 800_000, 256, gib) == "IVF4096,Flat"
 
 
 def test_the_budget_is_recorded_only_for_auto() -> None:
