@@ -4,7 +4,7 @@
         [--n 1000000] [--queries 1000] [--skip-lookalike] [--milvus]
 
 **The vectors.** 1M x 256-d vectors drawn to look like lookalike's own index space: the
-``default`` preset's raw descriptors (1280-d GeM of EfficientNet-Lite0) of the 805 Holidays
+``default`` preset's raw descriptors (1280-d R-MAC of EfficientNet-Lite0) of the 805 Holidays
 and 845 Oxford photos, PCA-whitened to 256-d as an index does, are the anchors; each
 synthetic vector is ``l2n((1 - t) a + t b + s g)``: an anchor ``a``, a second anchor ``b``
 mixed in with ``t ~ Beta(2, 6)`` (one scene seen partly like another), and Gaussian noise
@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -229,8 +230,6 @@ def faiss_structures(db, queries, gt, n_single) -> list[dict]:
 
 def lookalike_index(db: np.ndarray, root: Path, preset: str) -> float:
     """An index of ``db`` (raw = index space: no whitening) with an index preset."""
-    import shutil
-
     from lookalike.index import IndexStore, NewImage, get_index_conf
 
     shutil.rmtree(root, ignore_errors=True)
@@ -340,8 +339,8 @@ def milvus_hnsw(db, queries, gt, out: Path, n: int | None = None) -> list[dict]:
         gt = exact.search(queries, K)[1]
 
     path = out / "milvus-ann.db"
-    for leftover in out.glob("milvus-ann.db*"):
-        leftover.unlink()
+    for leftover in out.glob("milvus-ann.db*"):  # Lite's data directory and its lock
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     client = MilvusClient(str(path))
     schema = client.create_schema(auto_id=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
@@ -439,7 +438,7 @@ def main() -> int:
     print(f"ground truth in {time.perf_counter() - started:.1f} s")
     del exact
     if args.only_milvus:
-        args.skip_faiss = args.skip_lookalike = True
+        args.skip_faiss, args.skip_lookalike, args.milvus = True, True, True
     else:
         results["exact_batch_100k"] = exact_batch_100k(db, queries)
         print("exact, 64 queries over 100k:", results["exact_batch_100k"], flush=True)
