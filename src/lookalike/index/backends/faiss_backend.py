@@ -188,8 +188,8 @@ def _can_remove(index: faiss.Index) -> bool:
 
 BLAS_MAX_QUERIES = 16  # flat searches of up to this many queries use _search_flat_blas
 # faiss 1.15 scans with SIMD code, one query per thread, below 128,000 queries at once; from
-# 20 queries its BLAS path is 5.5x faster here (64 queries over 100k 256-d vectors: 1.05
-# against 5.8 ms per query, one thread; benchmarks/ann.py), and the coarse quantizer of an
+# 20 queries its BLAS path is 4x faster here (64 queries over 100k 256-d vectors: 0.97
+# against 3.87 ms per query, one thread; benchmarks/ann.py), and the coarse quantizer of an
 # IVF assigns batches of added vectors through the same code. faiss's own knob, process-wide.
 FAISS_BLAS_THRESHOLD = 20
 faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
