@@ -23,7 +23,7 @@ SRC = str(Path(lookalike.__file__).resolve().parents[1])
 def _engine_marks(name: str) -> list:
     """Skipped where the backend's outside engine (Milvus) is not installed."""
     from lookalike.index.backends import EXTERNAL
-    from lookalike.index.backends.milvus_backend import unavailable
+    from lookalike.index.backends.milvus_client import unavailable
 
     reason = unavailable() if name in EXTERNAL else None
     return [pytest.mark.skip(reason=reason)] if reason else []

@@ -38,7 +38,7 @@ from lookalike.index.backends import (
     validate_conf,
 )
 from lookalike.index.backends.faiss_backend import min_train_size
-from lookalike.index.backends.milvus_backend import unavailable
+from lookalike.index.backends.milvus_client import unavailable
 from lookalike.index.conf import BACKEND_NAMES, faiss_message, get_index_conf
 
 N, D = 1000, 32

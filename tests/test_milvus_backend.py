@@ -34,8 +34,9 @@ from lookalike.index.backends import (
     validate_conf,
 )
 from lookalike.index.backends import milvus_backend as mb
+from lookalike.index.backends import milvus_client as mc
 
-pytestmark = pytest.mark.skipif(mb.unavailable() is not None, reason=str(mb.unavailable()))
+pytestmark = pytest.mark.skipif(mc.unavailable() is not None, reason=str(mc.unavailable()))
 
 N = suite.N
 IDS = suite.IDS
@@ -155,7 +156,7 @@ def test_k_beyond_the_milvus_limit_is_exact(data: np.ndarray, monkeypatch) -> No
     ],
 )
 def test_parse_factory(factory: str, expected: tuple) -> None:
-    structure = mb.parse_factory(factory)
+    structure = mc.parse_factory(factory)
     assert (structure.index_type, structure.build_params) == expected
 
 
@@ -187,13 +188,13 @@ def test_uris_and_tokens(tmp_path: Path, monkeypatch) -> None:
     assert IndexConf.from_dict(conf.to_dict()) == conf and "uri" not in IndexConf().to_dict()
     with pytest.raises(ConfigError, match="is empty"):
         (tmp_path / "empty").write_text("\n")
-        mb.use_token_file(tmp_path / "empty")
+        mc.use_token_file(tmp_path / "empty")
     with pytest.raises(ConfigError, match="cannot read"):
-        mb.use_token_file(tmp_path / "missing")
+        mc.use_token_file(tmp_path / "missing")
     (tmp_path / "token").write_text("root:Milvus\n")
-    monkeypatch.delenv(mb.TOKEN_ENV, raising=False)
-    mb.use_token_file(tmp_path / "token")
-    assert mb._read_token(Path(mb.os.environ[mb.TOKEN_ENV])) == "root:Milvus"
+    monkeypatch.delenv(mc.TOKEN_ENV, raising=False)
+    mc.use_token_file(tmp_path / "token")
+    assert mc._read_token(Path(mc.os.environ[mc.TOKEN_ENV])) == "root:Milvus"
 
 
 # -- filtered search, scalar fields ----------------------------------------------------------
@@ -281,7 +282,7 @@ def test_cli_index_matches_faiss_flat(tmp_path: Path, capsys) -> None:
     backend = info["backend"]
     assert (backend["backend"], backend["structure"], backend["live"]) == ("milvus", "FLAT", 10)
     assert backend["engine"]["engine"] == "milvus-lite"
-    assert backend["engine"]["where"] == str((milvus / mb.LITE_NAME).resolve())
+    assert backend["engine"]["where"] == str((milvus / mc.LITE_NAME).resolve())
     assert backend["engine"]["load_state"] == "Loaded" and backend["engine"]["indexed_rows"] == 10
     assert main(["info", "--index", str(milvus)]) == 0
     out = capsys.readouterr().out
@@ -325,7 +326,7 @@ def test_sigkill_between_sqlite_and_milvus_is_repaired(tmp_path: Path, when: str
         ids = store.add(records, x)
         store.checkpoint()
     gc.collect()  # the Lite server of this process stops with the last backend using it
-    assert not mb._LITE_USERS
+    assert not mc._LITE_USERS
     child = run_python(KILLED_WRITER, str(root), when)
     out, err = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL, err
@@ -363,7 +364,7 @@ def test_a_second_process_is_refused_while_lite_is_open(tmp_path: Path) -> None:
     with pytest.raises(IndexStateError, match="not a directory lookalike made"):
         bad = tmp_path / "bad"
         bad.mkdir()
-        (bad / mb.LITE_NAME).write_text("planted")
+        (bad / mc.LITE_NAME).write_text("planted")
         create_backend(IndexConf(backend="milvus"), D, BackendSite(bad))
 
 
@@ -373,7 +374,7 @@ def test_checkpoint_names_the_collection_never_a_secret(tmp_path: Path) -> None:
     path = tmp_path / "milvus-3.index"
     backend.save(path)
     data = json.loads(path.read_text())
-    assert data["lite"] == mb.LITE_NAME and data["uri"] is None  # relative: the index moves
+    assert data["lite"] == mc.LITE_NAME and data["uri"] is None  # relative: the index moves
     assert (data["collection"], data["index_type"], data["dim"]) == ("lookalike", "FLAT", D)
     other = IndexConf(factory="HNSW", backend="milvus")
     with pytest.raises(mb.CheckpointError, match="another structure"):

@@ -168,7 +168,7 @@ def use_milvus_token(args: argparse.Namespace) -> None:
     """Read ``--milvus-token-file`` for this run (``ConfigError`` if unreadable or empty)."""
     path = getattr(args, "milvus_token_file", None)
     if path is not None:
-        from lookalike.index.backends.milvus_backend import use_token_file
+        from lookalike.index.backends.milvus_client import use_token_file
 
         use_token_file(path)
 
